@@ -1,0 +1,56 @@
+"""Tiny, weight-free models and in-memory datasets shared by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cbm.data.base import ConceptDataset, digest
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "head_width": 32, "layers": 1},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLIP_PREPROCESS = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                   "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def write_tiny_clip_dir(path: Path, seed: int = 0, **preprocess) -> Path:
+    """An open_clip local-dir folder (config + safetensors weights) of a tiny random CLIP."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    config = {"model_cfg": TINY_CLIP, "preprocess_cfg": {**CLIP_PREPROCESS, **preprocess}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return path
+
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
+
+
+class ColourSquares(ConceptDataset):
+    """N solid-colour images in three classes; concept k = "is colour k"."""
+
+    def __init__(self, n: int = 30, size: int = 40, tag: str = "a") -> None:
+        self.ids = [f"{tag}/{i:04d}" for i in range(n)]
+        self.labels = np.arange(n) % 3
+        self.class_names = ["red", "green", "blue"]
+        self.concept_names = ["reddish", "greenish", "bluish"]
+        self.concept_labels = np.eye(3, dtype=np.float32)[self.labels]
+        self.size, self.tag = size, tag
+
+    def load(self, index: int) -> Image.Image:
+        shade = (index * 7) % 25
+        colour = tuple(min(255, c + shade) for c in COLOURS[index % 3])
+        return Image.new("RGB", (self.size, self.size), colour)
+
+    def fingerprint(self) -> str:
+        return digest(self.ids, self.size, self.tag)
