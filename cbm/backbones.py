@@ -104,6 +104,11 @@ class Backbone:
         return hasattr(self, "encode_texts")
 
     @property
+    def input_size(self) -> int:
+        """Side of the square input the preprocessing produces."""
+        return _transform_size(self.transform)
+
+    @property
     def preprocess_description(self) -> str:
         return describe_transform(self.transform)
 
