@@ -1,0 +1,286 @@
+"""What every concept bottleneck model family shares: inputs, prediction, intervention, bundles.
+
+Models work on embeddings (``x`` is ``[N, D]``, or an :class:`~cbm.embed.Embeddings`), follow
+scikit-learn's conventions (``__init__`` stores hyperparameters, ``fit`` returns ``self``, fitted
+state ends in ``_``) and return torch tensors, except ``predict`` and ``predict_proba`` which
+return NumPy arrays like any scikit-learn classifier.
+
+A family implements ``fit``, ``concepts`` and ``predict_from_concepts`` (and ``_logits`` when its
+logits also depend on ``x`` directly, e.g. a residual), plus ``_state``/``_from_state`` for
+bundles. Intervention, prediction, scoring and saving come from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError
+
+from cbm.embed import Embeddings
+from cbm.models.bundle import BundleError, read_bundle, write_bundle
+from concepts.bank import ConceptBank
+
+logger = logging.getLogger(__name__)
+
+FAMILIES: dict[str, type[ConceptBottleneckModel]] = {}
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def as_matrix(value: Any, name: str, columns: int | None = None) -> torch.Tensor:
+    """``value`` as a finite float32 [N, columns] tensor, or a ValueError naming the argument."""
+    if isinstance(value, Embeddings):
+        value = value.features
+    try:
+        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value,
+                                 dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a numeric [N, D] array ({error}).") from None
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(tensor.shape)}.")
+    if columns is not None and tensor.shape[1] != columns:
+        raise ValueError(f"{name} has {tensor.shape[1]} columns but the model expects {columns}; "
+                         "were these features made by another backbone?")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
+        raise ValueError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them first.")
+    return tensor
+
+
+def as_labels(value: Any, n_samples: int, n_classes: int | None = None, name: str = "y") -> torch.Tensor:
+    """Integer class labels [N] in range, or a ValueError naming the argument."""
+    labels = torch.as_tensor(np.asarray(value))
+    if labels.ndim != 1 or len(labels) != n_samples:
+        raise ValueError(f"{name} must be a 1-D array of {n_samples} labels, got shape {tuple(labels.shape)}.")
+    if labels.dtype.is_floating_point:
+        if not torch.equal(labels, labels.round()):
+            raise ValueError(f"{name} must hold integer class indices, got fractional values.")
+    labels = labels.long()
+    if len(labels) and (labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)):
+        raise ValueError(f"{name} holds labels outside 0..{(n_classes or 1) - 1}.")
+    return labels
+
+
+@dataclass
+class EditRecord:
+    """One global edit: what changed, why, and the validation metrics before and after."""
+
+    action: str
+    concept: str | None = None
+    classes: list[str] = field(default_factory=list)
+    reason: str = ""
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
+    """Base class of the five families; see the module docstring."""
+
+    family: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            FAMILIES[cls.family] = cls
+
+    # ------------------------------------------------------------------ fitted state
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "class_names_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(x, y) first.")
+
+    @property
+    def concept_names(self) -> list[str]:
+        self._check_fitted()
+        return list(self.concept_names_)
+
+    @property
+    def class_names(self) -> list[str]:
+        self._check_fitted()
+        return list(self.class_names_)
+
+    def _features(self, x: Any, name: str = "x") -> torch.Tensor:
+        self._check_fitted()
+        if isinstance(x, Embeddings) and x.backbone_fingerprint != self.backbone_fingerprint_:
+            raise ValueError(f"{name} was embedded with {x.backbone_spec} (fingerprint {x.backbone_fingerprint[:12]}) "
+                             f"but this model was fitted on {self.backbone_spec_} "
+                             f"(fingerprint {self.backbone_fingerprint_[:12]}); embed the data with that backbone.")
+        return as_matrix(x, name, self.n_features_in_)
+
+    def _set_data_identity(self, x: Any, class_names: list[str] | None, n_classes: int,
+                           backbone: tuple[str, str] | None = None) -> None:
+        """Record class names, input width and the backbone the training features came from."""
+        if isinstance(x, Embeddings):
+            class_names = class_names or x.class_names
+            backbone = (x.backbone_spec, x.backbone_fingerprint)
+        self.class_names_ = list(class_names) if class_names else [f"class {i}" for i in range(n_classes)]
+        if len(self.class_names_) < n_classes:
+            raise ValueError(f"{len(self.class_names_)} class names given but labels go up to {n_classes - 1}.")
+        self.backbone_spec_, self.backbone_fingerprint_ = backbone or ("", "")
+        self.edits_: list[EditRecord] = []
+
+    # ------------------------------------------------------------------ the family's part
+    def concepts(self, x: Any) -> torch.Tensor:
+        """Concept activations [N, K]."""
+        raise NotImplementedError
+
+    def predict_from_concepts(self, c: Any) -> torch.Tensor:
+        """Class logits [N, C] from concept activations [N, K] (the head alone)."""
+        raise NotImplementedError
+
+    def _logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Logits from checked features and (possibly intervened) concepts; residual families add to it."""
+        return self.predict_from_concepts(c)
+
+    def contributions(self, x: Any) -> torch.Tensor:
+        """Per-concept contributions to every logit [N, C, K]."""
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The family's JSON-able fitted state and tensors, for bundles."""
+        raise NotImplementedError
+
+    def _load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared behaviour
+    def decision_function(self, x: Any) -> torch.Tensor:
+        """Class logits [N, C]."""
+        features = self._features(x)
+        return self._logits(features, self.concepts(features))
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        return torch.softmax(self.decision_function(x), dim=1).numpy()
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.decision_function(x).argmax(dim=1).numpy()
+
+    def score(self, x: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Accuracy; ``y`` defaults to the labels of an Embeddings ``x``."""
+        if y is None and isinstance(x, Embeddings):
+            y = x.labels
+        return super().score(x, np.asarray(y), sample_weight)
+
+    def concept_index(self, name: str) -> int:
+        """Index of a concept by name, or a KeyError listing close names."""
+        names = self.concept_names
+        if name in names:
+            return names.index(name)
+        close = [n for n in names if name.lower() in n.lower()][:5]
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
+        raise KeyError(f"unknown concept {name!r}{hint}")
+
+    def class_index(self, name: str) -> int:
+        if name not in self.class_names:
+            raise KeyError(f"unknown class {name!r}; the classes are {', '.join(self.class_names[:10])}"
+                           f"{', ...' if len(self.class_names) > 10 else ''}.")
+        return self.class_names.index(name)
+
+    def concept_reference(self, name: str, which: str) -> float:
+        """A named reference value of a concept (e.g. "high"/"low") for interventions, where the family has one."""
+        raise ValueError(f"{type(self).__name__} has no reference value {which!r}; give a number instead.")
+
+    def intervention_values(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked features, their concepts, and the concepts after the intervention."""
+        features = self._features(x)
+        original = self.concepts(features)
+        changed = original.clone()
+        if isinstance(values, tuple):
+            mask = torch.as_tensor(np.asarray(values[0]), dtype=torch.bool)
+            given = as_matrix(values[1], "intervention values", changed.shape[1])
+            if mask.shape != changed.shape or given.shape != changed.shape:
+                raise ValueError(f"intervention mask and values must both be {tuple(changed.shape)}, got "
+                                 f"{tuple(mask.shape)} and {tuple(given.shape)}.")
+            changed[mask] = given[mask]
+        else:
+            for name, value in values.items():
+                column = self.concept_index(name)
+                if isinstance(value, str):
+                    value = self.concept_reference(name, value)
+                value = torch.as_tensor(value, dtype=torch.float32)
+                if value.ndim > 1 or (value.ndim == 1 and len(value) != len(changed)):
+                    raise ValueError(f"value for {name!r} must be a number or one number per sample.")
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"value for {name!r} is NaN or infinite.")
+                changed[:, column] = value
+        return features, original, changed
+
+    def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
+        """Logits after setting concepts: ``{name: value}`` (a number, one per sample, or a reference
+        name such as "high") or ``(mask [N,K], values [N,K])`` for per-sample batched edits."""
+        features, _, changed = self.intervention_values(x, values)
+        return self._logits(features, changed)
+
+    # ------------------------------------------------------------------ bundles
+    def save(self, path: str | Path, *, metrics: dict[str, float] | None = None) -> Path:
+        """Write one self-describing bundle (JSON manifest + safetensors); see ``cbm.load``."""
+        self._check_fitted()
+        state, tensors = self._state()
+        params = {k: v for k, v in self.get_params(deep=False).items() if k != "bank"}
+        manifest = {
+            "family": self.family,
+            "params": params,
+            "backbone": {"spec": self.backbone_spec_, "fingerprint": self.backbone_fingerprint_},
+            "class_names": self.class_names_,
+            "concept_names": self.concept_names_,
+            "n_features_in": self.n_features_in_,
+            "training": getattr(self, "training_", {}),
+            "metrics": {**getattr(self, "metrics_", {}), **(metrics or {})},
+            "edits": [asdict(edit) for edit in self.edits_],
+            "state": state,
+        }
+        return write_bundle(path, manifest, tensors)
+
+    def copy(self) -> ConceptBottleneckModel:
+        """A deep copy (edits return one)."""
+        return copy.deepcopy(self)
+
+
+def load(path: str | Path) -> ConceptBottleneckModel:
+    """Load any family's bundle written by ``model.save``; nothing in the file is executed."""
+    manifest, tensors = read_bundle(path)
+    family = manifest.get("family")
+    if family not in FAMILIES:
+        raise BundleError(f"{path} holds an unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}.")
+    cls = FAMILIES[family]
+    try:
+        model = cls._from_manifest(manifest, tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        if isinstance(error, BundleError):
+            raise
+        raise BundleError(f"{path} is an inconsistent {family} bundle ({type(error).__name__}: {error}).") from None
+    return model
+
+
+def _restore_common(model: ConceptBottleneckModel, manifest: dict[str, Any]) -> None:
+    """Set the fitted attributes every family shares from a manifest."""
+    model.class_names_ = [str(n) for n in manifest["class_names"]]
+    model.concept_names_ = [str(n) for n in manifest["concept_names"]]
+    model.n_features_in_ = int(manifest["n_features_in"])
+    model.backbone_spec_ = str(manifest["backbone"]["spec"])
+    model.backbone_fingerprint_ = str(manifest["backbone"]["fingerprint"])
+    model.training_ = dict(manifest.get("training") or {})
+    model.metrics_ = dict(manifest.get("metrics") or {})
+    model.edits_ = [EditRecord(**edit) for edit in manifest.get("edits") or []]
+
+
+def bank_state(bank: ConceptBank) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A concept bank as JSON + tensors with a ``bank.`` prefix, for embedding in a model bundle."""
+    tensors = {"bank.vectors": bank.vectors, "bank.intercepts": bank.intercepts}
+    tensors.update({f"bank.stats.{key}": value for key, value in bank.stats.items()})
+    return {"names": bank.names, "kind": bank.kind, "backbone": bank.backbone, "provenance": bank.provenance,
+            "stats": sorted(bank.stats)}, tensors
+
+
+def bank_from_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ConceptBank:
+    return ConceptBank(state["names"], tensors["bank.vectors"], tensors["bank.intercepts"], kind=state["kind"],
+                       backbone=state["backbone"], provenance=state.get("provenance") or {},
+                       stats={key: tensors[f"bank.stats.{key}"] for key in state.get("stats", [])})

@@ -1,0 +1,337 @@
+"""Post-hoc Concept Bottleneck Models (Yuksekgonul, Wang, Zou, ICLR 2023): PCBM and PCBM-h.
+
+Concept scores are margins to the bank's hyperplanes, ``s_k(x) = (v_k . f(x) + b_k) / ||v_k||`` on
+the raw (unnormalised) embedding, as the reference code does; for text banks (unit vectors, zero
+intercepts) that is the projection on the text direction. The head is a sparse linear softmax
+classifier fitted with an elastic net (l1 ratio 0.99) by a full-batch torch solver; its strength is
+the paper's rule ``lam = c / (classes x concepts)`` or is chosen along a regularisation path on the
+validation split. PCBM-h keeps that head frozen and adds a residual linear layer on the embedding,
+trained with an L2 penalty and early stopping on the validation split (never on test data).
+
+Departures from the reference, on purpose: the head is multinomial (the reference's
+SGDClassifier is one-vs-rest) so that probabilities and the logit decomposition are exact; and when
+no validation data is given, a seeded 10% of the training data is held out for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cbm.backbones import resolve_device
+from cbm.embed import Embeddings
+from cbm.models.base import (ConceptBottleneckModel, EditRecord, _restore_common, as_labels, as_matrix, bank_from_state,
+                             bank_state)
+from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
+from concepts.bank import ConceptBank
+
+logger = logging.getLogger(__name__)
+
+Validation = tuple[Any, Any] | Embeddings | None
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, validation: Validation, seed: int,
+                     fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(train x, train y, val x, val y, where the validation data came from)."""
+    if isinstance(validation, Embeddings):
+        return x, y, validation.features, validation.labels, "given"
+    if validation is not None:
+        val_x, val_y = validation
+        return x, y, torch.as_tensor(np.asarray(val_x), dtype=torch.float32), torch.as_tensor(np.asarray(val_y)), "given"
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(fraction * len(x))))
+    val, train = order[:held], order[held:]
+    logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
+    return x[train], y[train], x[val], y[val], f"held out {fraction:.0%} of train (seed {seed})"
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
+
+
+class PosthocCBM(ConceptBottleneckModel):
+    """Post-hoc CBM over a concept bank; ``hybrid=True`` gives PCBM-h.
+
+    Parameters
+    ----------
+    bank: the ConceptBank (text or CAV) whose margins are the concepts.
+    lam: "rule" (``c / (classes x concepts)``, the paper's default), "path" (chosen on validation
+        accuracy along ``n_lambdas`` penalties), or a number.
+    c: the constant of the lambda rule (the paper uses 2 for CIFAR, 0.01 for CUB).
+    l1_ratio: elastic-net mixing, 0.99 (almost pure L1) as in the paper.
+    hybrid: add the PCBM-h residual; ``residual_l2``, ``residual_lr``, ``residual_epochs``,
+        ``batch_size`` and ``patience`` configure its training (reference: 1e-3, 1e-2, 20, 64).
+    """
+
+    family = "posthoc"
+
+    def __init__(self, bank: ConceptBank, *, lam: float | Literal["rule", "path"] = "rule", c: float = 2.0,
+                 l1_ratio: float = 0.99, n_lambdas: int = 12, hybrid: bool = False, residual_l2: float = 1e-3,
+                 residual_lr: float = 1e-2, residual_epochs: int = 20, batch_size: int = 64, patience: int = 3,
+                 max_iter: int = 3000, seed: int = 0, device: str = "auto") -> None:
+        self.bank = bank
+        self.lam = lam
+        self.c = c
+        self.l1_ratio = l1_ratio
+        self.n_lambdas = n_lambdas
+        self.hybrid = hybrid
+        self.residual_l2 = residual_l2
+        self.residual_lr = residual_lr
+        self.residual_epochs = residual_epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.max_iter = max_iter
+        self.seed = seed
+        self.device = device
+
+    # ------------------------------------------------------------------ concepts
+    def _margins(self, features: torch.Tensor) -> torch.Tensor:
+        vectors = self.bank.vectors
+        return (features @ vectors.T + self.bank.intercepts) / vectors.norm(dim=1)
+
+    def concepts(self, x: Any) -> torch.Tensor:
+        """Concept scores [N, K]: margins to the bank's hyperplanes."""
+        return self._margins(self._features(x))
+
+    def predict_from_concepts(self, c: Any) -> torch.Tensor:
+        scores = as_matrix(c, "concept scores", len(self.concept_names_))
+        return scores @ self.weight_.T + self.bias_
+
+    def _logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        logits = self.predict_from_concepts(c)
+        if self.hybrid:
+            logits = logits + x @ self.residual_weight_.T + self.residual_bias_
+        return logits
+
+    def contributions(self, x: Any) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, K]: logit = sum_k contributions + bias (+ residual)."""
+        return self.concepts(x)[:, None, :] * self.weight_[None]
+
+    def residual(self, x: Any) -> torch.Tensor:
+        """The PCBM-h residual's part of each logit [N, C] (zeros for plain PCBM)."""
+        features = self._features(x)
+        if not self.hybrid:
+            return torch.zeros(len(features), len(self.class_names_))
+        return features @ self.residual_weight_.T + self.residual_bias_
+
+    def top_concepts(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
+        """The ``k`` largest-magnitude concept weights of every class."""
+        result = {}
+        for row, name in zip(self.weight_, self.class_names_):
+            order = row.abs().argsort(descending=True)[:k]
+            result[name] = [(self.concept_names_[i], float(row[i])) for i in order if row[i] != 0]
+        return result
+
+    def sparsity(self) -> dict[str, int]:
+        """Non-zero concept weights per class."""
+        return {name: int((row != 0).sum()) for name, row in zip(self.class_names_, self.weight_)}
+
+    def concept_reference(self, name: str, which: str) -> float:
+        """"high"/"low": the concept's typical score when present/absent (see ``fit``)."""
+        column = self.concept_index(name)
+        if which not in ("high", "low"):
+            raise ValueError(f"reference value must be 'high' or 'low', got {which!r}.")
+        return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, x: Any, y: Any = None, *, validation: Validation = None, class_names: list[str] | None = None,
+            concept_labels: Any = None) -> PosthocCBM:
+        """Fit the sparse head (and the residual when ``hybrid``).
+
+        Concept labels are not needed; when given ([N, K] binary, aligned with ``x``), the
+        intervention reference values "high"/"low" become the mean training score of the samples
+        with and without each concept.
+        """
+        if y is None and isinstance(x, Embeddings):
+            y = x.labels
+        if y is None:
+            raise ValueError("y is required (or pass an Embeddings with labels as x).")
+        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
+        features = as_matrix(x, "x")
+        self.bank.check_features(features, fingerprint)
+        labels = as_labels(y, len(features))
+        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
+        self._set_data_identity(x, class_names, n_classes)
+        self.concept_names_ = list(self.bank.names)
+        self.n_features_in_ = features.shape[1]
+        n_classes = len(self.class_names_)
+        if isinstance(validation, Embeddings):
+            self.bank.check_features(validation.features, validation.backbone_fingerprint)
+        references = self._references(features, concept_labels)
+        train_x, train_y, val_x, val_y, val_source = split_validation(features, labels, validation, self.seed)
+        val_x = as_matrix(val_x, "validation x", self.n_features_in_)
+        val_y = as_labels(val_y, len(val_x), n_classes, "validation y")
+
+        device = resolve_device(self.device)
+        train_s, val_s = self._margins(train_x).to(device), self._margins(val_x).to(device)
+        train_y_d, val_y_d = train_y.to(device), val_y.to(device)
+        head = self._fit_head(train_s, train_y_d, val_s, val_y_d, n_classes)
+        self.weight_, self.bias_ = head.weight.cpu(), head.bias.cpu()
+        self.lam_ = head.lam
+        self.reference_high_, self.reference_low_ = references
+        head_val = accuracy(val_s.cpu() @ self.weight_.T + self.bias_, val_y)
+        self.metrics_ = {"train_accuracy": accuracy(train_s.cpu() @ self.weight_.T + self.bias_, train_y),
+                         "val_accuracy": head_val, "pcbm_val_accuracy": head_val,
+                         "nonzero_weights": int((self.weight_ != 0).sum())}
+        if self.hybrid:
+            self._fit_residual(train_x, train_y, val_x, val_y)
+            self.metrics_["val_accuracy"] = accuracy(self._logits(val_x, self._margins(val_x)), val_y)
+        self.training_ = {"samples": len(train_x), "validation": val_source, "validation_samples": len(val_x),
+                          "lam": self.lam_, "solver_iterations": head.iterations, "converged": head.converged,
+                          "data": getattr(x, "ids", None) and len(x.ids)}
+        logger.info("PCBM%s: lam=%.3g, %d non-zero weights, validation accuracy %.3f", "-h" if self.hybrid else "",
+                    self.lam_, self.metrics_["nonzero_weights"], self.metrics_["val_accuracy"])
+        return self
+
+    def _fit_head(self, train_s: torch.Tensor, train_y: torch.Tensor, val_s: torch.Tensor, val_y: torch.Tensor,
+                  n_classes: int):
+        if self.lam == "path":
+            top = lambda_max(train_s, train_y, n_classes, self.l1_ratio)
+            lams = list(np.geomspace(top, top * 1e-3, self.n_lambdas))
+            path = elastic_net_path(train_s, train_y, n_classes, lams, self.l1_ratio, max_iter=self.max_iter)
+            scores = [accuracy(val_s @ s.weight.T + s.bias, val_y) for s in path]
+            best = max(range(len(path)), key=lambda i: (round(scores[i], 4), -i))  # ties: the sparser one
+            self.path_ = [{"lam": s.lam, "val_accuracy": a, "nonzero": int((s.weight != 0).sum())}
+                          for s, a in zip(path, scores)]
+            return path[best]
+        lam = self.c / (n_classes * train_s.shape[1]) if self.lam == "rule" else float(self.lam)
+        if lam < 0 or not np.isfinite(lam):
+            raise ValueError(f"lam must be 'rule', 'path' or a non-negative number, got {self.lam!r}.")
+        return elastic_net_softmax(train_s, train_y, n_classes, lam, self.l1_ratio, max_iter=self.max_iter)
+
+    def _references(self, features: torch.Tensor, concept_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-concept "high"/"low" scores: from concept labels if given, else the CAV's recorded
+        positive/negative mean margins, else the 95th/5th percentiles of the training scores."""
+        scores = self._margins(features)
+        if concept_labels is not None:
+            labels = as_matrix(concept_labels, "concept_labels", scores.shape[1])
+            if len(labels) != len(scores):
+                raise ValueError(f"concept_labels has {len(labels)} rows but x has {len(scores)}.")
+            present = labels > 0.5
+            counts = present.sum(0)
+            if (counts == 0).any() or (counts == len(labels)).any():
+                raise ValueError("every concept needs positive and negative examples in concept_labels.")
+            high = (scores * present).sum(0) / counts
+            low = (scores * ~present).sum(0) / (len(labels) - counts)
+            return high, low
+        stats = self.bank.stats
+        if "pos_mean" in stats and "neg_mean" in stats:
+            return stats["pos_mean"].clone(), stats["neg_mean"].clone()
+        return torch.quantile(scores, 0.95, dim=0), torch.quantile(scores, 0.05, dim=0)
+
+    def _fit_residual(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                      val_y: torch.Tensor) -> None:
+        """Train the residual layer with Adam; keep the epoch with the best validation loss."""
+        device = resolve_device(self.device)
+        generator = torch.Generator().manual_seed(self.seed)
+        residual = nn.Linear(train_x.shape[1], len(self.class_names_)).to(device)
+        with torch.no_grad():
+            residual.weight.zero_()
+            residual.bias.zero_()
+        head_train = (self._margins(train_x) @ self.weight_.T + self.bias_).to(device)
+        head_val = (self._margins(val_x) @ self.weight_.T + self.bias_).to(device)
+        train_x, train_y, val_x, val_y = train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device)
+        optimiser = torch.optim.Adam(residual.parameters(), lr=self.residual_lr)
+        best = (float("inf"), residual.weight.detach().clone(), residual.bias.detach().clone(), 0)
+        stale = 0
+        for epoch in range(1, self.residual_epochs + 1):
+            for batch in torch.randperm(len(train_x), generator=generator).split(self.batch_size):
+                logits = head_train[batch] + residual(train_x[batch])
+                loss = nn.functional.cross_entropy(logits, train_y[batch]) + self.residual_l2 * residual.weight.pow(2).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            with torch.no_grad():
+                val_loss = float(nn.functional.cross_entropy(head_val + residual(val_x), val_y))
+            if val_loss < best[0] - 1e-5:
+                best, stale = (val_loss, residual.weight.detach().clone(), residual.bias.detach().clone(), epoch), 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        self.residual_weight_, self.residual_bias_ = best[1].cpu(), best[2].cpu()
+        self.residual_epochs_ = best[3]
+
+    # ------------------------------------------------------------------ global edits
+    def edit(self, action: Literal["prune", "prune_normalize", "set_weight"], concept: str,
+             classes: str | list[str] | None = None, *, value: float = 0.0, validation: Validation = None,
+             reason: str = "") -> tuple[PosthocCBM, EditRecord]:
+        """A globally edited copy and the record of the edit.
+
+        ``prune`` zeroes the concept's weight for ``classes`` (all when None); ``prune_normalize``
+        also rescales each edited row so its L1 norm is kept; ``set_weight`` sets it to ``value``.
+        With ``validation`` data the record holds accuracy before and after.
+        """
+        self._check_fitted()
+        if action not in ("prune", "prune_normalize", "set_weight"):
+            raise ValueError(f"unknown edit {action!r}; use 'prune', 'prune_normalize' or 'set_weight'.")
+        column = self.concept_index(concept)
+        names = self.class_names_ if classes is None else ([classes] if isinstance(classes, str) else list(classes))
+        rows = [self.class_index(name) for name in names]
+        edited = self.copy()
+        previous = {self.class_names_[r]: self.weight_[r].tolist() for r in rows}
+        for row in rows:
+            weights = edited.weight_[row]
+            old_norm = float(weights.abs().sum())
+            weights[column] = value if action == "set_weight" else 0.0
+            if action == "prune_normalize":
+                new_norm = float(weights.abs().sum())
+                if new_norm > 0:
+                    weights *= old_norm / new_norm
+        record = EditRecord(action=action, concept=concept, classes=names, reason=reason,
+                            details={"previous_rows": previous, "value": value})
+        if validation is not None:
+            val_x, val_y = (validation.features, validation.labels) if isinstance(validation, Embeddings) else validation
+            record.before = {"val_accuracy": self.score(val_x, val_y)}
+            record.after = {"val_accuracy": edited.score(val_x, val_y)}
+        edited.edits_ = [*self.edits_, record]
+        return edited, record
+
+    def undo(self) -> PosthocCBM:
+        """A copy with the most recent edit reverted (its record removed from the history)."""
+        self._check_fitted()
+        if not self.edits_:
+            raise ValueError("this model has no edits to undo.")
+        reverted = self.copy()
+        last = reverted.edits_.pop()
+        for name, row in last.details["previous_rows"].items():
+            reverted.weight_[self.class_index(name)] = torch.tensor(row)
+        return reverted
+
+    # ------------------------------------------------------------------ bundles
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {"weight": self.weight_, "bias": self.bias_, "reference_high": self.reference_high_,
+                   "reference_low": self.reference_low_}
+        if self.hybrid:
+            tensors.update(residual_weight=self.residual_weight_, residual_bias=self.residual_bias_)
+        state = {"lam": self.lam_, "path": getattr(self, "path_", None)}
+        bank_manifest, bank_tensors = bank_state(self.bank)
+        return {**state, "bank": bank_manifest}, {**tensors, **bank_tensors}
+
+    @classmethod
+    def _from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PosthocCBM:
+        state = manifest["state"]
+        model = cls(bank_from_state(state["bank"], tensors), **manifest["params"])
+        _restore_common(model, manifest)
+        k, c, d = len(model.concept_names_), len(model.class_names_), model.n_features_in_
+        expected = {"weight": (c, k), "bias": (c,), "reference_high": (k,), "reference_low": (k,)}
+        if model.hybrid:
+            expected.update(residual_weight=(c, d), residual_bias=(c,))
+        for name, shape in expected.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} must have shape {shape}")
+        if model.bank.names != model.concept_names_ or model.bank.dim != d:
+            raise ValueError("the concept bank does not match the model's concepts or input width")
+        model.weight_, model.bias_ = tensors["weight"].float(), tensors["bias"].float()
+        model.reference_high_, model.reference_low_ = tensors["reference_high"].float(), tensors["reference_low"].float()
+        if model.hybrid:
+            model.residual_weight_, model.residual_bias_ = tensors["residual_weight"].float(), tensors["residual_bias"].float()
+        model.lam_ = float(state["lam"])
+        if state.get("path"):
+            model.path_ = state["path"]
+        return model
+
