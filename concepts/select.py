@@ -1,0 +1,160 @@
+"""Concept selection (LaBo): per-class submodular selection, plus top-k and random baselines.
+
+For each class y the K concepts are chosen among that class's candidates to maximise
+
+    F(S) = sum_{c in S} d_y(c)  +  beta * (K / |V|) * sum_{v in V} max_{c in S} s(v, c)
+
+- ``d_y(c)`` (discriminability) is the class-conditional mutual-information term
+  ``p(y|c) log(p(y|c) / p(y))`` with ``p(y|c) = softmax_y(m(c, y) / temperature)``, where
+  ``m(c, y)`` is the mean cosine similarity between concept c's text vector and the training
+  images of class y, and p(y) is uniform. It is high for concepts that light up on class y more
+  than on the others, and near zero for phrases that describe nothing in the data (their
+  similarity is flat across classes). It is divided by its largest absolute value among the
+  class's candidates, so the two terms have comparable scales whatever the backbone.
+- the second term is facility location over the class's candidates V with ``s`` the clipped
+  (>= 0) cosine similarity of concept text vectors: it rewards covering every kind of
+  candidate rather than many paraphrases of one.
+
+F is monotone submodular (modular + facility location), so greedy selection is within
+(1 - 1/e) of the optimum; ``greedy`` evaluates lazily (stale upper bounds in a heap).
+A concept proposed by several classes stays associated with all of them (``associations`` in
+the bank's provenance), and ``class_concepts`` records class -> selected concepts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from concepts.bank import DEFAULT_TEMPLATES, ConceptBank, TextEncoder
+from concepts.generate import SHARED, Candidates
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["submodular", "top", "random"]
+
+
+def class_means(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Mean concept score per class [C,K]; a class without samples raises."""
+    labels = torch.as_tensor(labels).long()
+    counts = torch.bincount(labels, minlength=n_classes)[:n_classes]
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"classes {missing[:10]} have no training sample; selection needs images of every class.")
+    sums = torch.zeros(n_classes, scores.shape[1]).index_add_(0, labels, scores.float())
+    return sums / counts[:, None]
+
+
+def discriminability(means: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """Class-conditional MI terms [C,K]: ``p(y|c) log(p(y|c) C)`` from class means [C,K].
+
+    ``temperature=None`` uses the average spread (std over classes) of the concepts' class means.
+    """
+    if temperature is None:
+        temperature = float(means.std(dim=0).mean().clamp(min=1e-6))
+    p = torch.softmax(means / temperature, dim=0)
+    return p * torch.log(p * means.shape[0])
+
+
+class SelectionObjective:
+    """``F(S) = sum_{c in S} gains[c] + weight * sum_v max_{c in S} similarity[v, c]`` (similarity >= 0)."""
+
+    def __init__(self, gains: torch.Tensor, similarity: torch.Tensor, weight: float) -> None:
+        self.gains = torch.as_tensor(gains, dtype=torch.float64)
+        self.similarity = torch.as_tensor(similarity, dtype=torch.float64).clamp(min=0)
+        self.weight = float(weight)
+
+    def value(self, subset: Sequence[int]) -> float:
+        if not subset:
+            return 0.0
+        index = torch.as_tensor(list(subset))
+        cover = self.similarity[:, index].max(dim=1).values.sum()
+        return float(self.gains[index].sum() + self.weight * cover)
+
+    def gain(self, cover: torch.Tensor, c: int) -> float:
+        """Marginal gain of adding c given the current best cover of every element."""
+        return float(self.gains[c] + self.weight * (self.similarity[:, c] - cover).clamp(min=0).sum())
+
+
+def greedy(objective: SelectionObjective, k: int) -> list[int]:
+    """Lazy greedy maximisation of a monotone submodular objective: k indices in selection order."""
+    n = objective.gains.shape[0]
+    cover = torch.zeros(n, dtype=torch.float64)
+    heap = [(-objective.gain(cover, c), c) for c in range(n)]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+    while heap and len(chosen) < k:
+        _, c = heapq.heappop(heap)
+        fresh = objective.gain(cover, c)
+        if not heap or fresh >= -heap[0][0] - 1e-12:  # still the best: bounds only shrink
+            chosen.append(c)
+            cover = torch.maximum(cover, objective.similarity[:, c])
+        else:
+            heapq.heappush(heap, (-fresh, c))
+    return chosen
+
+
+def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torch.Tensor, labels: torch.Tensor,
+                    class_names: Sequence[str] | None = None, *, k: int = 10, method: Method = "submodular",
+                    beta: float = 1.0, temperature: float | None = None, seed: int = 0,
+                    templates: Sequence[str] = DEFAULT_TEMPLATES, backbone: str | None = None) -> ConceptBank:
+    """Choose ``k`` concepts per class from ``candidates`` using training embeddings; a text bank.
+
+    ``labels`` index ``class_names`` (default: the candidates' classes). Classes with ``k`` or
+    fewer candidates keep them all (recorded). The bank's provenance holds ``class_concepts``
+    (class -> selected concepts), ``associations`` (concept -> every class that proposed it) and
+    the selection parameters.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}.")
+    if method not in ("submodular", "top", "random"):
+        raise ValueError(f"method must be 'submodular', 'top' or 'random', got {method!r}.")
+    class_names = list(class_names or candidates.class_names)
+    unknown = [c for c in candidates.class_names if c not in class_names]
+    if unknown:
+        raise ValueError(f"candidates name classes that the data lacks: {unknown[:5]}.")
+    pool = candidates.concepts()
+    if not pool:
+        raise ValueError("no candidates to select from.")
+    full = ConceptBank.from_text(pool, encoder, templates=templates)
+    means = class_means(full.scores(features, backbone=backbone), labels, len(class_names))
+    scores = discriminability(means, temperature)
+    text_similarity = full.vectors @ full.vectors.T
+    position = {phrase: i for i, phrase in enumerate(pool)}
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[str]] = {}
+    short = []
+    for y, name in enumerate(class_names):
+        own = [position[p] for p in candidates.for_class(name)]
+        if not own:
+            continue
+        if len(own) <= k:
+            picked = own
+            short.append(name)
+        elif method == "random":
+            picked = rng.choice(own, size=k, replace=False).tolist()
+        else:
+            gains = scores[y, own]
+            gains = gains / gains.abs().max().clamp(min=1e-12)
+            if method == "top":
+                picked = [own[i] for i in torch.argsort(gains, descending=True, stable=True)[:k].tolist()]
+            else:
+                objective = SelectionObjective(gains, text_similarity[own][:, own], beta * k / len(own))
+                picked = [own[i] for i in greedy(objective, k)]
+        chosen[name] = [pool[i] for i in picked]
+    if short:
+        logger.info("%d classes have at most k=%d candidates and keep them all: %s", len(short), k, short[:5])
+    names = list(dict.fromkeys(p for picked in chosen.values() for p in picked))
+    owners = candidates.classes_of()
+    associations = {p: [c for c in owners[p] if c != SHARED] or list(class_names) for p in names}
+    bank = full.subset(names)
+    bank.provenance = {**full.provenance, "candidates": candidates.provenance,
+                       "selection": {"method": method, "k": k, "beta": beta, "temperature": temperature,
+                                     "seed": seed, "classes_with_at_most_k": short},
+                       "class_concepts": chosen, "associations": associations}
+    return bank
