@@ -24,7 +24,13 @@ EMBED_EPILOG = """examples:
 backbones: openclip:ARCH@TAG, openclip:hf-hub:ORG/REPO, openclip:local-dir:PATH,
            torchvision:ARCH@WEIGHTS, timm:NAME, toy:clip, toy:cnn
 datasets:  folder:PATH, manifest:FILE.csv|.jsonl, cifar10:ROOT@split, cifar100:ROOT@split,
-           cub:ROOT@split, frames:PATH, videos:PATH, toy:images@split, toy:videos@split"""
+           cub:ROOT@split, frames:PATH, videos:PATH, toy:images@split, toy:spurious@split,
+           toy:videos@split"""
+
+FIT_EPILOG = """examples:
+  cbm fit posthoc --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --out pcbm.cbm
+  cbm fit posthoc --backbone toy:cnn --data toy:images@train --concepts labels --hybrid --out pcbm-h.cbm
+  cbm fit posthoc --backbone openclip:RN50@openai --data cifar10:/data/cifar@train --concepts bank/ --out c10.cbm"""
 
 
 def _directory_size(path: Path) -> int:
@@ -42,7 +48,10 @@ def _human(size: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Versions, devices and cache locations with their sizes."""
+    """Versions, devices and cache locations with their sizes; or what a model bundle holds."""
+    if args.model:
+        print(describe_model(args.model))
+        return 0
     import open_clip
     import timm
     import torch
@@ -110,14 +119,143 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the toolkit end to end on the offline toy world and print what it did."""
+    from cbm.demo import format_rows, run_demo
+
+    results = run_demo(args.out, cache_dir=args.cache_dir)
+    print(format_rows(results))
+    print(f"\ndone in {results['seconds']:.0f} s; outputs (demo.json, a model bundle, a concept bank) are in "
+          f"{Path(args.out).resolve()}")
+    return 0
+
+
+def _embed_for(backbone_spec: str, data: str, args: argparse.Namespace, fingerprint: str | None = None):
+    """Embed a dataset spec with a backbone spec through the cache, checking the fingerprint if given."""
+    from cbm.backbones import load_backbone
+    from cbm.data.registry import load_dataset
+    from cbm.embed import embed
+
+    backbone = load_backbone(backbone_spec, device=getattr(args, "device", "auto"))
+    if fingerprint and backbone.fingerprint != fingerprint:
+        raise ValueError(f"the backbone {backbone_spec} loaded here differs from the one the model was fitted on "
+                         "(weights or preprocessing changed); refit the model or restore those weights.")
+    dataset = load_dataset(data, on_error=getattr(args, "on_error", None))
+    return backbone, embed(backbone, dataset, cache_dir=args.cache_dir, batch_size=getattr(args, "batch_size", 64))
+
+
+def _bank_for(source: str, backbone, train):
+    """A concept bank from a folder, the training data's concept labels (CAVs) or the toy vocabulary."""
+    from concepts import ConceptBank
+
+    from cbm.demo import label_cav_bank, toy_text_bank
+
+    if source == "labels":
+        if train.concept_labels is None:
+            raise ValueError("--concepts labels needs a dataset with concept labels (e.g. CUB, a manifest with "
+                             "concept columns, or the toy world).")
+        return label_cav_bank(train)
+    if source == "toy":
+        if not backbone.is_vision_language:
+            raise ValueError("--concepts toy builds a text bank and needs a vision-language backbone such as toy:clip.")
+        return toy_text_bank(backbone)
+    return ConceptBank.load(source)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit a concept bottleneck model on embeddings of a dataset and save it as a bundle."""
+    from cbm.models import PosthocCBM
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it.")
+    backbone, train = _embed_for(args.backbone, args.data, args)
+    validation = _embed_for(args.backbone, args.val, args)[1] if args.val else None
+    bank = _bank_for(args.concepts, backbone, train)
+    lam = args.lam if args.lam in ("rule", "path") else float(args.lam)
+    model = PosthocCBM(bank, lam=lam, c=args.c, hybrid=args.hybrid, seed=args.seed)
+    model.fit(train, validation=validation, concept_labels=train.concept_labels if args.concepts != "labels" else None)
+    model.save(out)
+    print(f"fitted {'PCBM-h' if args.hybrid else 'PCBM'} on {len(train)} samples: validation accuracy "
+          f"{model.metrics_['val_accuracy']:.3f}, {model.metrics_['nonzero_weights']} non-zero concept weights "
+          f"(lam {model.lam_:.3g}); saved {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of a saved model on a dataset (embedded with the model's own backbone)."""
+    from cbm.models import load
+
+    model = load(args.model)
+    _, data = _embed_for(model.backbone_spec_, args.data, args, model.backbone_fingerprint_)
+    result = {"model": args.model, "data": args.data, "samples": len(data), "accuracy": model.score(data)}
+    print(json.dumps(result, indent=2) if args.json else
+          f"{args.model} on {args.data}: accuracy {result['accuracy']:.4f} over {len(data)} samples")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Prune concepts (for one class or all) or set weights; write the edited model to a new file."""
+    from cbm.models import load
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; edits never overwrite silently: choose another --out or pass --force.")
+    model = load(args.model)
+    validation = None
+    if args.val:
+        validation = _embed_for(model.backbone_spec_, args.val, args, model.backbone_fingerprint_)[1]
+    action = "prune_normalize" if args.normalize else "prune"
+    for target in args.prune:
+        concept, _, class_name = target.partition(":")
+        model, record = model.edit(action, concept, class_name or None, validation=validation, reason=args.reason)
+        change = (f" (validation accuracy {record.before['val_accuracy']:.3f} -> {record.after['val_accuracy']:.3f})"
+                  if record.before else "")
+        print(f"pruned {concept!r} for {class_name or 'all classes'}{change}")
+    for target in args.set_weight:
+        where, _, value = target.rpartition("=")
+        concept, _, class_name = where.partition(":")
+        model, _ = model.edit("set_weight", concept, class_name or None, value=float(value), reason=args.reason)
+        print(f"set weight of {concept!r} for {class_name or 'all classes'} to {float(value)}")
+    model.save(out)
+    print(f"saved the edited model to {out}")
+    return 0
+
+
+def describe_model(path: str) -> str:
+    """A few lines about a model bundle, read without running anything from it."""
+    from cbm.models.bundle import read_bundle
+
+    manifest, tensors = read_bundle(path)
+    lines = [f"{path}: {manifest['family']} model, bundle format {manifest['format_version']}",
+             f"  backbone: {manifest['backbone']['spec']} (fingerprint {manifest['backbone']['fingerprint'][:12]})",
+             f"  {len(manifest['class_names'])} classes, {len(manifest['concept_names'])} concepts, "
+             f"input width {manifest['n_features_in']}",
+             f"  parameters: {json.dumps(manifest['params'])}",
+             f"  metrics: {json.dumps(manifest['metrics'])}",
+             f"  tensors: {', '.join(f'{k} {v}' for k, v in manifest['tensors'].items())}"]
+    for edit in manifest.get("edits", []):
+        lines.append(f"  edit: {edit['action']} {edit['concept']!r} for {', '.join(edit['classes'][:5])}"
+                     f"{' ...' if len(edit['classes']) > 5 else ''} {edit['reason']}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    info = commands.add_parser("info", help="versions, devices, cache locations and sizes",
-                               description=cmd_info.__doc__)
+    demo = commands.add_parser("demo", help="run the toolkit end to end on the offline toy world",
+                               description=cmd_demo.__doc__)
+    demo.add_argument("--out", default="cbm-output/demo", help="output folder (default: cbm-output/demo)")
+    demo.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    demo.set_defaults(run=cmd_demo)
+
+    info = commands.add_parser("info", help="versions, devices, caches; or describe a model file",
+                               description="Without MODEL: versions, devices, cache locations and sizes. "
+                                           "With MODEL: what a model bundle holds.")
+    info.add_argument("model", nargs="?", help="a model bundle to describe")
     info.add_argument("--cache-dir", help="cache root to describe (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     info.set_defaults(run=cmd_info)
 
@@ -137,6 +275,49 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     emb.add_argument("--out", help="also write features + labels to this .safetensors file (ids in a .json beside)")
     emb.set_defaults(run=cmd_embed)
+
+    fit = commands.add_parser("fit", help="fit a concept bottleneck model and save it", description=cmd_fit.__doc__,
+                              epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("family", choices=["posthoc"], help="model family")
+    fit.add_argument("--backbone", required=True, help="backbone spec, e.g. toy:clip")
+    fit.add_argument("--data", required=True, help="training dataset spec, e.g. toy:images@train")
+    fit.add_argument("--val", help="validation dataset spec (default: hold out 10%% of the training data)")
+    fit.add_argument("--concepts", required=True,
+                     help="a concept bank folder; 'labels' for CAVs from the data's concept labels; "
+                          "'toy' for the toy world's vocabulary as a text bank")
+    fit.add_argument("--out", required=True, help="the model bundle to write (e.g. model.cbm)")
+    fit.add_argument("--hybrid", action="store_true", help="PCBM-h: add a residual on the embedding")
+    fit.add_argument("--lam", default="rule", help="'rule' (c / (classes x concepts)), 'path' (chosen on "
+                                                    "validation) or a number (default: rule)")
+    fit.add_argument("--c", type=float, default=2.0, help="constant of the lambda rule (default 2)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--force", action="store_true", help="replace --out if it exists")
+    fit.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    fit.set_defaults(run=cmd_fit)
+
+    ev = commands.add_parser("eval", help="accuracy of a saved model on a dataset", description=cmd_eval.__doc__)
+    ev.add_argument("model", help="model bundle")
+    ev.add_argument("--data", required=True, help="dataset spec, e.g. toy:images@test")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    ev.set_defaults(run=cmd_eval)
+
+    ed = commands.add_parser("edit", help="globally edit a saved model into a new file", description=cmd_edit.__doc__,
+                             epilog="example: cbm edit model.cbm --prune 'dark background' --prune 'red:tomato' "
+                                    "--val toy:images@val --out model-edited.cbm",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    ed.add_argument("model", help="model bundle to edit (never modified)")
+    ed.add_argument("--prune", action="append", default=[], metavar="CONCEPT[:CLASS]",
+                    help="zero a concept's weight for one class or, without :CLASS, for all (repeatable)")
+    ed.add_argument("--set-weight", action="append", default=[], metavar="CONCEPT[:CLASS]=VALUE",
+                    help="set a concept's weight (repeatable)")
+    ed.add_argument("--normalize", action="store_true", help="prune-and-normalise: keep each row's L1 norm")
+    ed.add_argument("--val", help="validation dataset spec: report accuracy before/after each edit")
+    ed.add_argument("--reason", default="", help="why (kept in the edit history)")
+    ed.add_argument("--out", required=True, help="where to write the edited model")
+    ed.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ed.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    ed.set_defaults(run=cmd_edit)
     return parser
 
 
@@ -146,10 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
         if args.verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,7 @@
 """Dataset spec strings for the command line: ``scheme:PATH[@split]`` -> a ConceptDataset.
 
 Built-in schemes: ``folder``, ``manifest``, ``cifar10``, ``cifar100``, ``cub``, ``frames``,
-``videos``. A bare existing directory means ``folder:`` and a bare ``.csv``/``.jsonl`` file
+``videos`` and ``toy`` (the generated world: ``toy:images``, ``toy:spurious``, ``toy:videos``). A bare existing directory means ``folder:`` and a bare ``.csv``/``.jsonl`` file
 means ``manifest:``. Other modules add schemes with ``register_dataset_scheme``.
 """
 
@@ -89,6 +89,28 @@ def _videos(path: str, split: str | None, options: dict[str, Any]) -> ConceptDat
     return construct(VideoFileDataset, "videos", path, **options)
 
 
+TOY_IMAGES_PER_SPLIT = {"train": 3000, "val": 1000, "test": 1000}
+TOY_VIDEOS_PER_SPLIT = {"train": 400, "val": 100, "test": 200}
+TOY_SPURIOUS_STRENGTH = 0.95
+
+
+def _toy(kind: str, split: str | None, options: dict[str, Any]) -> ConceptDataset:
+    """``toy:images``, ``toy:spurious`` (background agrees with the class in train only) or ``toy:videos``."""
+    from cbm.data.toy import ToyImages, ToyVideos
+
+    split = split or "train"
+    if split not in TOY_IMAGES_PER_SPLIT:
+        raise ValueError(f"the toy world has splits {sorted(TOY_IMAGES_PER_SPLIT)}, not {split!r}.")
+    options = {key: value for key, value in options.items() if key != "on_error"}  # generated: nothing unreadable
+    if kind in ("images", "spurious"):
+        if kind == "spurious":
+            options.setdefault("spurious", TOY_SPURIOUS_STRENGTH)
+        return construct(ToyImages, "toy", split, **{"n": TOY_IMAGES_PER_SPLIT[split], **options})
+    if kind == "videos":
+        return construct(ToyVideos, "toy", split, **{"n": TOY_VIDEOS_PER_SPLIT[split], **options})
+    raise ValueError(f"unknown toy dataset {kind!r}; use toy:images, toy:spurious or toy:videos (with @train/@val/@test).")
+
+
 DATASET_SCHEMES: dict[str, DatasetFactory] = {
     "folder": _folder,
     "manifest": _manifest,
@@ -97,6 +119,7 @@ DATASET_SCHEMES: dict[str, DatasetFactory] = {
     "cub": _cub,
     "frames": _frames,
     "videos": _videos,
+    "toy": _toy,
 }
 
 
