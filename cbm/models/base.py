@@ -68,6 +68,28 @@ def as_labels(value: Any, n_samples: int, n_classes: int | None = None, name: st
     return labels
 
 
+Validation = tuple[Any, Any] | Embeddings | None
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, validation: Validation, seed: int,
+                     fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(train x, train y, val x, val y, where the validation data came from)."""
+    if isinstance(validation, Embeddings):
+        return x, y, validation.features, validation.labels, "given"
+    if validation is not None:
+        val_x, val_y = validation
+        return x, y, torch.as_tensor(np.asarray(val_x), dtype=torch.float32), torch.as_tensor(np.asarray(val_y)), "given"
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(fraction * len(x))))
+    val, train = order[:held], order[held:]
+    logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
+    return x[train], y[train], x[val], y[val], f"held out {fraction:.0%} of train (seed {seed})"
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
+
+
 @dataclass
 class EditRecord:
     """One global edit: what changed, why, and the validation metrics before and after."""

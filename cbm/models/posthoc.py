@@ -24,34 +24,12 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, EditRecord, _restore_common, as_labels, as_matrix, bank_from_state,
-                             bank_state)
+from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
+                             as_matrix, bank_from_state, bank_state, split_validation)
 from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
-
-Validation = tuple[Any, Any] | Embeddings | None
-
-
-def split_validation(x: torch.Tensor, y: torch.Tensor, validation: Validation, seed: int,
-                     fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(train x, train y, val x, val y, where the validation data came from)."""
-    if isinstance(validation, Embeddings):
-        return x, y, validation.features, validation.labels, "given"
-    if validation is not None:
-        val_x, val_y = validation
-        return x, y, torch.as_tensor(np.asarray(val_x), dtype=torch.float32), torch.as_tensor(np.asarray(val_y)), "given"
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    held = max(1, int(round(fraction * len(x))))
-    val, train = order[:held], order[held:]
-    logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
-    return x[train], y[train], x[val], y[val], f"held out {fraction:.0%} of train (seed {seed})"
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == y).float().mean()) if len(y) else float("nan")
-
 
 class PosthocCBM(ConceptBottleneckModel):
     """Post-hoc CBM over a concept bank; ``hybrid=True`` gives PCBM-h.
