@@ -6,6 +6,7 @@ solver is ``sklearn.svm.SVC(kernel="linear", C)`` fit once per concept and C, as
 does. Prints wall time, the speed ratio and the mean validation accuracy of both.
 
     PYTHONPATH=. python benchmarks/bench_cavs.py [--concepts 200] [--examples 200] [--dim 512] [--device cpu]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def synthetic_concepts(n_concepts: int, n_examples: int, dim: int, seed: int = 0
         strength = 0.6 + 1.4 * torch.rand((), generator=generator)
         half = n_examples // 2
         neg = torch.randn(half, dim, generator=generator) * scales
-        pos = torch.randn(n_examples - half, dim, generator=generator) * scales + strength * direction * scales.norm() / dim ** 0.5 * 3
+        shift = 3 * strength * direction * scales.norm() / dim ** 0.5
+        pos = torch.randn(n_examples - half, dim, generator=generator) * scales + shift
         positives[f"concept {k}"], negatives[f"concept {k}"] = pos, neg
     return positives, negatives
 
@@ -40,7 +42,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cs", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a busy machine, more threads spin and slow the "
+                             "many small tensor operations of both the solver and the bookkeeping)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     positives, negatives = synthetic_concepts(args.concepts, args.examples, args.dim)
     print(f"{args.concepts} concepts x {args.examples} examples x {args.dim} dims, C grid {args.cs}, "
           f"torch threads {torch.get_num_threads()}")
@@ -51,7 +57,8 @@ def main() -> None:
         start = time.perf_counter()
         bank = learn_cavs(positives, negatives, solver=solver, cs=args.cs, device=device)
         seconds = time.perf_counter() - start
-        results[solver] = (seconds, float(bank.stats["val_accuracy"].mean()), float(bank.stats["train_accuracy"].mean()))
+        stats = bank.stats
+        results[solver] = (seconds, float(stats["val_accuracy"].mean()), float(stats["train_accuracy"].mean()))
         print(f"{solver:>8}: {seconds:7.2f} s   mean val accuracy {results[solver][1]:.4f}   "
               f"train {results[solver][2]:.4f}")
     ratio = results["sklearn"][0] / results["torch"][0]

@@ -46,8 +46,8 @@ def hinge_svm(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cs: Sequenc
     ``Q``: one sweep visits the examples in a seeded random order and updates example i of
     every (concept, C) problem in one tensor operation. Features are centred per concept and a
     constant column carries the bias, so its slight regularisation hardly matters. Stops when
-    the largest projected-gradient violation is below ``tol`` (0.1, LIBLINEAR's default). Concepts are processed in chunks
-    whose Gram matrices fit ``memory_budget`` bytes.
+    the largest projected-gradient violation is below ``tol`` (0.1, LIBLINEAR's default).
+    Concepts are processed in chunks whose Gram matrices fit ``memory_budget`` bytes.
     """
     k, m, d = x.shape
     chunk = max(1, memory_budget // (4 * m * m * (1 + len(cs))))
@@ -55,10 +55,12 @@ def hinge_svm(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cs: Sequenc
         parts = [hinge_svm(x[i:i + chunk], y[i:i + chunk], valid[i:i + chunk], cs, max_epochs=max_epochs,
                            tol=tol, seed=seed, memory_budget=memory_budget) for i in range(0, k, chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    y = y * valid                                              # padding: y = 0 removes it from Q
     mu = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
-    xa = torch.cat([x - mu[:, None, :], torch.ones(k, m, 1, device=x.device)], dim=-1) * valid[..., None]
-    yx = y[..., None] * xa                                     # [K,M,D+1]
-    q = yx @ yx.transpose(1, 2)                                # [K,M,M]
+    # Q_ij = y_i y_j ((x_i - mu).(x_j - mu) + 1), built from the raw Gram matrix without copying x
+    x_mu = torch.einsum("kmd,kd->km", x, mu)
+    q = x @ x.transpose(1, 2) - x_mu[:, :, None] - x_mu[:, None, :] + (mu * mu).sum(-1)[:, None, None] + 1
+    q *= y[:, :, None] * y[:, None, :]                         # [K,M,M]
     q_diag = torch.diagonal(q, dim1=1, dim2=2).clamp(min=1e-12).T.contiguous()  # [M,K]
     q_rows = q.permute(1, 0, 2).contiguous()[:, :, None, :]    # [M,K,1,M]: row i of every Q
     upper = torch.as_tensor(cs, dtype=x.dtype, device=x.device).view(1, 1, -1) * valid.T[..., None]  # [M,K,C]
@@ -81,10 +83,11 @@ def hinge_svm(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cs: Sequenc
     else:  # typical for large C on (nearly) separable data; such C rarely win on held-out data
         worst = violation.abs().amax(dim=(0, 2))
         logger.info("hinge_svm: stopped after %d epochs; projected-gradient violation per C: %s (tol %g)",
-                    max_epochs, {c: round(float(v), 3) for c, v in zip(cs, worst)}, tol)
-    w = torch.einsum("mkc,kmd->kcd", alpha, yx)
-    weights, bias = w[..., :d], w[..., d]
-    return weights, bias - torch.einsum("kcd,kd->kc", weights, mu)
+                    max_epochs, {c: round(float(v), 3) for c, v in zip(cs, worst, strict=True)}, tol)
+    coef = alpha.permute(1, 2, 0) * y[:, None, :]              # [K,C,M]: w = sum_i coef_i (x_i - mu, 1)
+    total = coef.sum(-1)
+    weights = torch.einsum("kcm,kmd->kcd", coef, x) - total[..., None] * mu[:, None, :]
+    return weights, total - torch.einsum("kcd,kd->kc", weights, mu)
 
 
 def _sklearn_svm(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cs: Sequence[float],

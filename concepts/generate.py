@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
@@ -208,9 +207,9 @@ class HTTPClient:
                     raise HTTPError(f"{where} answered HTTP {error.code} ({error.reason}).") from None
                 problem = f"HTTP {error.code}"
                 retry_after = error.headers.get("Retry-After") if error.headers else None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 reason = getattr(error, "reason", error)
-                problem = "timed out" if isinstance(reason, (socket.timeout, TimeoutError)) else f"failed ({reason})"
+                problem = "timed out" if isinstance(reason, TimeoutError) else f"failed ({reason})"
             if attempt == self.retries:
                 raise HTTPError(f"{where} {problem}; gave up after {self.retries + 1} attempts.")
             delay = self.backoff * 2 ** attempt

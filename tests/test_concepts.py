@@ -19,6 +19,7 @@ from concepts import (
     Candidates,
     ConceptBank,
     cavs_from_labels,
+    filters,
     from_awa,
     from_class_concept_matrix,
     from_csv,
@@ -28,7 +29,6 @@ from concepts import (
     learn_cavs,
     select_concepts,
 )
-from concepts import filters
 from concepts.select import SelectionObjective, greedy
 from concepts.text import clean_concept, merge_plurals, singular
 
@@ -293,7 +293,6 @@ def test_candidates_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------ filters
 
 def test_filters_record_what_they_remove_and_why():
-    encoder = WordEncoder()
     cands = Candidates({"cat": ["Whiskers", "the whisker", "Cats", "a very long phrase that goes on and on",
                                 "soft fur", "pizza box"],
                         "dog": ["soft fur", "Snout", "dog"]})
