@@ -2,7 +2,7 @@
 
 For each class y the K concepts are chosen among that class's candidates to maximise
 
-    F(S) = sum_{c in S} d_y(c)  +  beta * (K / |V|) * sum_{v in V} max_{c in S} s(v, c)
+    F(S) = sum_{c in S} d_y(c)  +  beta / |V| * sum_{v in V} max_{c in S} s(v, c)
 
 - ``d_y(c)`` (discriminability) is the class-conditional mutual-information term
   ``p(y|c) log(p(y|c) / p(y))`` with ``p(y|c) = softmax_y(m(c, y) / temperature)``, where
@@ -10,7 +10,9 @@ For each class y the K concepts are chosen among that class's candidates to maxi
   images of class y, and p(y) is uniform. It is high for concepts that light up on class y more
   than on the others, and near zero for phrases that describe nothing in the data (their
   similarity is flat across classes). It is divided by its largest absolute value among the
-  class's candidates, so the two terms have comparable scales whatever the backbone.
+  class's candidates (so each concept adds at most 1), and the coverage term is a mean over V
+  (so all of S adds at most ``beta``): coverage breaks near-ties between discriminative
+  concepts towards diverse ones, whatever the backbone's similarity scale.
 - the second term is facility location over the class's candidates V with ``s`` the clipped
   (>= 0) cosine similarity of concept text vectors: it rewards covering every kind of
   candidate rather than many paraphrases of one.
@@ -144,7 +146,7 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
             if method == "top":
                 picked = [own[i] for i in torch.argsort(gains, descending=True, stable=True)[:k].tolist()]
             else:
-                objective = SelectionObjective(gains, text_similarity[own][:, own], beta * k / len(own))
+                objective = SelectionObjective(gains, text_similarity[own][:, own], beta / len(own))
                 picked = [own[i] for i in greedy(objective, k)]
         chosen[name] = [pool[i] for i in picked]
     if short:

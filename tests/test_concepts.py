@@ -425,3 +425,12 @@ def test_concepts_imports_nothing_from_the_other_packages():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cbm', 'explain', 'app')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_merging_candidate_sets_keeps_all_classes_and_sources():
+    a = Candidates({"cat": ["fur"], "*": ["photo"]}, {"generator": "one"})
+    b = Candidates({"cat": ["whiskers", "fur"], "dog": ["fur"]}, {"generator": "two"})
+    merged = Candidates.merge([a, b])
+    assert merged.per_class == {"cat": ["fur", "whiskers"], "*": ["photo"], "dog": ["fur"]}
+    assert merged.for_class("dog") == ["fur", "photo"] and merged.class_names == ["cat", "dog"]
+    assert [s["generator"] for s in merged.provenance["sources"]] == ["one", "two"]
