@@ -142,6 +142,10 @@ class Backbone:
             features = self._forward_images(images.to(self.device, non_blocking=True))
         return features.float().cpu().clone()
 
+    def embed_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess and embed PIL images (e.g. a user's upload) -> float32 [N,D]."""
+        return self.encode_images(torch.stack([self.preprocess(image) for image in images]))
+
     def _forward_images(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -39,6 +39,39 @@ def read_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
 
 
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_PIXELS = 40_000_000
+
+
+def read_image_bytes(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES,
+                     max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:
+    """Decode untrusted image bytes (an upload) into RGB, refusing oversized files and decompression bombs.
+
+    The pixel count is checked from the header before any pixel is decoded; EXIF rotation is applied.
+    """
+    import io
+
+    from PIL import ImageOps, UnidentifiedImageError
+
+    if len(data) > max_bytes:
+        raise ImageReadError(f"the file is {len(data) / 2**20:.1f} MB; images up to {max_bytes / 2**20:.0f} MB "
+                             "are accepted.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are "
+                                     "accepted (this also refuses decompression bombs).")
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"the file is not an image this toolkit can read ({error}).") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        if isinstance(error, ImageReadError):
+            raise
+        raise ImageReadError(f"the image is truncated or corrupt ({error}).") from None
+
+
 def require_dir(path: str | Path, what: str) -> Path:
     """Return ``path`` as a Path, or raise FileNotFoundError naming it and what it should hold."""
     path = Path(path).expanduser()

@@ -24,6 +24,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
+from cbm.backbones import Backbone, load_backbone
 from cbm.embed import Embeddings
 from cbm.models.bundle import BundleError, read_bundle, write_bundle
 from concepts.bank import ConceptBank
@@ -260,6 +261,18 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
             "state": state,
         }
         return write_bundle(path, manifest, tensors)
+
+    def load_backbone(self, device: str = "auto") -> Backbone:
+        """The backbone the model was fitted on, checked by fingerprint (for images the user brings)."""
+        self._check_fitted()
+        if not self.backbone_spec_:
+            raise ValueError("this model was fitted on bare features, so it does not know its backbone; "
+                             "fit it on an Embeddings object to record one.")
+        backbone = load_backbone(self.backbone_spec_, device=device)
+        if backbone.fingerprint != self.backbone_fingerprint_:
+            raise ValueError(f"the backbone {self.backbone_spec_} available here differs from the one this model was "
+                             "fitted on (weights or preprocessing changed); refit or restore those weights.")
+        return backbone
 
     def copy(self) -> ConceptBottleneckModel:
         """A deep copy (edits return one)."""

@@ -1,0 +1,1 @@
+"""The Streamlit concept editor, launched by ``cbm app``; ``editor.py`` is the script it runs."""

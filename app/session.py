@@ -1,0 +1,130 @@
+"""The editor's session: which model and data are open, the edits made, and the audit trail.
+
+Nothing here computes a prediction or changes a weight by itself: every number comes from the
+public API of ``cbm`` (and ``explain``). The session only keeps what the person did, so it can be
+undone, exported and saved.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbm.backbones import Backbone
+from cbm.data.base import ConceptDataset
+from cbm.data.registry import load_dataset
+from cbm.embed import Embeddings, default_cache_dir, embed
+from cbm.models import ConceptBottleneckModel, load
+
+DEFAULT_DATA = "toy:images@val"
+
+
+def default_model_path(cache_dir: str | Path | None = None) -> Path:
+    """The toy-world demo model (PCBM on ``toy:clip`` text concepts), built on first use and cached."""
+    path = Path(cache_dir or default_cache_dir()) / "models" / "toy_pcbm.cbm"
+    if not path.exists():
+        from cbm.backbones import load_backbone
+        from cbm.demo import toy_embeddings, toy_text_bank
+        from cbm.models import PosthocCBM
+
+        clip = load_backbone("toy:clip")
+        splits = toy_embeddings(clip, cache_dir=cache_dir, progress=False)
+        model = PosthocCBM(toy_text_bank(clip)).fit(splits["train"], validation=splits["val"])
+        model.save(path)
+    return path
+
+
+@dataclass
+class TrailEntry:
+    """One thing the person did: an intervention or a global edit."""
+
+    kind: str
+    sample: str
+    details: dict[str, Any]
+    prediction_before: str = ""
+    prediction_after: str = ""
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class EditorSession:
+    """An open model with its data, edit history and audit trail."""
+
+    model_path: Path
+    data_spec: str
+    model: ConceptBottleneckModel
+    dataset: ConceptDataset
+    embeddings: Embeddings
+    backbone: Backbone
+    history: list[ConceptBottleneckModel] = field(default_factory=list)
+    trail: list[TrailEntry] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, model_path: str | Path | None = None, data_spec: str | None = None,
+             cache_dir: str | Path | None = None) -> EditorSession:
+        """Open a bundle (default: the toy demo model) and embed its data through the cache."""
+        path = Path(model_path) if model_path else default_model_path(cache_dir)
+        model = load(path)
+        backbone = model.load_backbone()
+        dataset = load_dataset(data_spec or DEFAULT_DATA)
+        embeddings = embed(backbone, dataset, cache_dir=cache_dir, progress=False, num_workers=0)
+        return cls(path, data_spec or DEFAULT_DATA, model, dataset, embeddings, backbone)
+
+    # ------------------------------------------------------------------ the model's view of the data
+    def probabilities(self) -> torch.Tensor:
+        return torch.as_tensor(self.model.predict_proba(self.embeddings))
+
+    def validation_accuracy(self) -> float:
+        return float(self.model.score(self.embeddings))
+
+    # ------------------------------------------------------------------ what the person does
+    def record_intervention(self, sample: str, values: dict[str, float], before: str, after: str) -> None:
+        self.trail.append(TrailEntry("intervention", sample, {"values": values}, before, after))
+
+    def apply_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> Any:
+        """Prune ``concept`` for ``classes`` (all when None); returns the edit record."""
+        edited, record = self.model.edit("prune", concept, classes, validation=self.embeddings, reason=reason)
+        self.history.append(self.model)
+        self.model = edited
+        self.trail.append(TrailEntry("edit", "", asdict(record)))
+        return record
+
+    def undo(self) -> None:
+        if not self.history:
+            raise ValueError("there is no edit to undo.")
+        self.model = self.history.pop()
+        self.trail.append(TrailEntry("undo", "", {}))
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the edited model as a new file; refuses to replace a file unless ``overwrite``."""
+        path = Path(path).expanduser()
+        if path.suffix == "":
+            path = path.with_suffix(".cbm")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; choose another name or tick 'replace it'.")
+        if path.resolve() == self.model_path.resolve() and not overwrite:
+            raise FileExistsError("that is the file this model was opened from; save it under a new name.")
+        self.model.save(path)
+        self.trail.append(TrailEntry("save", "", {"path": os.fspath(path)}))
+        return path
+
+    # ------------------------------------------------------------------ export
+    def trail_json(self) -> str:
+        return json.dumps([asdict(entry) for entry in self.trail], indent=2)
+
+    def trail_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["time", "kind", "sample", "prediction_before", "prediction_after", "details"])
+        for entry in self.trail:
+            writer.writerow([f"{entry.time:.3f}", entry.kind, entry.sample, entry.prediction_before,
+                             entry.prediction_after, json.dumps(entry.details)])
+        return buffer.getvalue()
