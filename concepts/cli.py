@@ -104,11 +104,10 @@ def _filter(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddin
     if args.clean:
         candidates = filters.clean(candidates)
     if args.max_chars is not None or args.max_words is not None:
-        candidates = filters.remove_too_long(candidates, args.max_chars or 10**9, args.max_words)
-    if args.class_names:
-        candidates = filters.remove_class_names(
-            candidates, match=args.class_names, encoder=encoder if args.class_similarity is not None else None,
-            threshold=args.class_similarity or 1.0)
+        candidates = filters.remove_too_long(candidates, args.max_chars, args.max_words)
+    if args.class_names or args.class_similarity is not None:
+        similarity = {} if args.class_similarity is None else {"encoder": encoder, "threshold": args.class_similarity}
+        candidates = filters.remove_class_names(candidates, match=args.class_names or "exact", **similarity)
     if args.dedupe is not None:
         candidates = filters.remove_near_duplicates(candidates, encoder, args.dedupe)
     if args.absent is not None:

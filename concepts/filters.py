@@ -45,11 +45,11 @@ def clean(candidates: Candidates, *, merge_plural_forms: bool = True) -> Candida
     return _apply(candidates, {}, replaced, {"filter": "clean", "merge_plurals": merge_plural_forms})
 
 
-def remove_too_long(candidates: Candidates, max_chars: int = 30, max_words: int | None = None) -> Candidates:
-    """Drop phrases longer than ``max_chars`` characters (or ``max_words`` words)."""
+def remove_too_long(candidates: Candidates, max_chars: int | None = 30, max_words: int | None = None) -> Candidates:
+    """Drop phrases longer than ``max_chars`` characters or ``max_words`` words (None: no limit)."""
     removed = {}
     for phrase in candidates.concepts():
-        if len(phrase) > max_chars:
+        if max_chars is not None and len(phrase) > max_chars:
             removed[phrase] = f"{len(phrase)} characters > {max_chars}"
         elif max_words is not None and len(phrase.split()) > max_words:
             removed[phrase] = f"{len(phrase.split())} words > {max_words}"
