@@ -1,0 +1,504 @@
+"""LaBo, Language in a Bottle (Yang et al., CVPR 2023), its few-shot protocol and the linear-probe baseline.
+
+The bottleneck is the similarity of an image to M concept texts, ``D = x . E^T`` [N, M], with E the
+unit text vectors of a concept bank (normally chosen per class by ``concepts.select_concepts``).
+A class-concept association matrix ``W`` [C, M] starts from the language prior (``init_value``
+where class y proposed concept c, zero elsewhere; a concept proposed by several classes counts for
+every one of them) and is trained with cross-entropy and Adam on
+
+    logits = scale * D . softmax(W, dim=concepts)^T
+
+so each class score is a convex combination of concept similarities. The epoch with the best
+validation accuracy is kept (model selection on the validation split, never on test data).
+Optional terms: ``l1`` times the largest row L1 norm of W, and ``diversity`` times minus the
+variance of the class scores across classes (the reference's two switched-off terms).
+
+Feature scaling, the one deliberate departure from the paper's defaults:
+
+- ``normalize=True`` (ours, default): image features are L2-normalised, so D holds cosines in
+  [-1, 1] whatever the backbone; with ``scale=100`` (CLIP's logit scale) the logits have CLIP's
+  zero-shot range and W can be trained full-batch at lr 0.05 in tens to hundreds of epochs.
+- ``normalize=False`` (the paper's code: raw ``encode_image`` features, x100): the logit range,
+  and so the effective learning rate, depends on the backbone's raw feature norms, which is why
+  the paper needs lr 1e-5..1e-4 and thousands of epochs (``LaBoCBM.paper_recipe``). The bank's
+  text vectors are unit vectors either way (the paper also leaves text features raw; a bank keeps
+  only their direction).
+
+After fitting, ``weight_`` [C, M] holds the softmaxed W (rows sum to 1): it is the head used for
+prediction, explanations and edits; ``association_`` keeps the raw W.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cbm.backbones import resolve_device
+from cbm.embed import Embeddings
+from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
+                             as_matrix, bank_from_state, bank_state, split_validation)
+from concepts.bank import ConceptBank
+
+logger = logging.getLogger(__name__)
+
+FEW_SHOTS: tuple[int | str, ...] = (1, 2, 4, 8, 16, "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by LaBo and Sparse-CBM: a linear head ``weight_`` [C, K] with global edits and undo
+# ---------------------------------------------------------------------------------------------
+
+
+class HeadEditsMixin:
+    """Global edits of a class x concept head ``weight_`` (prune, prune and renormalise, set) with undo."""
+
+    def edit(self, action: Literal["prune", "prune_normalize", "set_weight"], concept: str,
+             classes: str | list[str] | None = None, *, value: float = 0.0, validation: Validation = None,
+             reason: str = "") -> tuple[Any, EditRecord]:
+        """A globally edited copy and the record of the edit.
+
+        ``prune`` zeroes the concept's weight for ``classes`` (all when None); ``prune_normalize``
+        also rescales each edited row so its L1 norm is kept (for LaBo: the row stays a convex
+        combination); ``set_weight`` sets it to ``value``. With ``validation`` data the record
+        holds validation accuracy before and after.
+        """
+        self._check_fitted()
+        if action not in ("prune", "prune_normalize", "set_weight"):
+            raise ValueError(f"unknown edit {action!r}; use 'prune', 'prune_normalize' or 'set_weight'.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"the weight must be a finite number, got {value!r}.")
+        column = self.concept_index(concept)
+        names = self.class_names_ if classes is None else ([classes] if isinstance(classes, str) else list(classes))
+        rows = [self.class_index(name) for name in names]
+        edited = self.copy()
+        previous = {self.class_names_[r]: self.weight_[r].tolist() for r in rows}
+        for row in rows:
+            weights = edited.weight_[row]
+            old_norm = float(weights.abs().sum())
+            weights[column] = value if action == "set_weight" else 0.0
+            if action == "prune_normalize":
+                new_norm = float(weights.abs().sum())
+                if new_norm > 0:
+                    weights *= old_norm / new_norm
+        record = EditRecord(action=action, concept=concept, classes=names, reason=reason,
+                            details={"previous_rows": previous, "value": value})
+        if validation is not None:
+            val_x, val_y = (validation.features, validation.labels) if isinstance(validation, Embeddings) else validation
+            record.before = {"val_accuracy": self.score(val_x, val_y)}
+            record.after = {"val_accuracy": edited.score(val_x, val_y)}
+        edited.edits_ = [*self.edits_, record]
+        return edited, record
+
+    def undo(self) -> Any:
+        """A copy with the most recent edit reverted (its record removed from the history)."""
+        self._check_fitted()
+        if not self.edits_:
+            raise ValueError("this model has no edits to undo.")
+        reverted = self.copy()
+        last = reverted.edits_.pop()
+        for name, row in last.details["previous_rows"].items():
+            reverted.weight_[self.class_index(name)] = torch.tensor(row, dtype=torch.float32)
+        return reverted
+
+    def top_concepts(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
+        """The ``k`` largest-magnitude concept weights of every class (non-zero ones only)."""
+        self._check_fitted()
+        result = {}
+        for row, name in zip(self.weight_, self.class_names_):
+            order = row.abs().argsort(descending=True)[:k]
+            result[name] = [(self.concept_names_[i], float(row[i])) for i in order.tolist() if row[i] != 0]
+        return result
+
+    def concept_reference(self, name: str, which: str) -> float:
+        """"high"/"low": the 95th/5th percentile of the concept's training activations."""
+        column = self.concept_index(name)
+        if which not in ("high", "low"):
+            raise ValueError(f"reference value must be 'high' or 'low', got {which!r}.")
+        return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    for name, shape in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} must have shape {tuple(shape)}")
+        if not torch.isfinite(tensors[name].float()).all():
+            raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+
+
+def labels_of(x: Any, y: Any) -> Any:
+    if y is None and isinstance(x, Embeddings):
+        y = x.labels
+    if y is None:
+        raise ValueError("y is required (or pass an Embeddings with labels as x).")
+    return y
+
+
+def prepare_validation(model: ConceptBottleneckModel, features: torch.Tensor, labels: torch.Tensor,
+                       validation: Validation, seed: int, bank: ConceptBank):
+    """Train/validation tensors: the given validation data (checked) or a seeded 10% of train."""
+    if isinstance(validation, Embeddings):
+        bank.check_features(validation.features, validation.backbone_fingerprint)
+    train_x, train_y, val_x, val_y, source = split_validation(features, labels, validation, seed)
+    val_x = as_matrix(val_x, "validation x", model.n_features_in_)
+    val_y = as_labels(val_y, len(val_x), len(model.class_names_), "validation y")
+    return train_x, train_y, val_x, val_y, source
+
+
+# ---------------------------------------------------------------------------------------------
+# LaBo
+# ---------------------------------------------------------------------------------------------
+
+
+class LaBoCBM(HeadEditsMixin, ConceptBottleneckModel):
+    """LaBo over a text concept bank; see the module docstring.
+
+    Parameters
+    ----------
+    bank: a text ConceptBank (unit text vectors), normally from ``concepts.select_concepts``.
+    prior: class name -> concepts proposed for it; default (None) reads the bank's provenance
+        (``associations``: concept -> every class that proposed it, else ``class_concepts``);
+        "none" starts from W = 0 (uniform weights, no language prior).
+    init_value: the prior's value in W (1.0 in the paper; 0.01-0.1 for HAM10000 few-shot).
+    normalize: L2-normalise image features (default) or use them raw as the paper does.
+    scale: the logit scale (100 in the paper).
+    lr, epochs, batch_size: Adam on W; ``batch_size=None`` is full batch.
+    eval_every: epochs between validation checks (the paper: 10).
+    patience: stop after this many checks without a better validation accuracy (None: run all epochs).
+    l1, diversity: weights of the optional terms (0 = off, as in the paper's configs).
+    """
+
+    family = "labo"
+
+    def __init__(self, bank: ConceptBank, *, prior: Mapping[str, Sequence[str]] | Literal["none"] | None = None,
+                 init_value: float = 1.0, normalize: bool = True, scale: float = 100.0, lr: float = 0.05,
+                 epochs: int = 1000, batch_size: int | None = None, eval_every: int = 1, patience: int | None = 50,
+                 l1: float = 0.0, diversity: float = 0.0, seed: int = 0, device: str = "auto") -> None:
+        self.bank = bank
+        self.prior = prior
+        self.init_value = init_value
+        self.normalize = normalize
+        self.scale = scale
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.eval_every = eval_every
+        self.patience = patience
+        self.l1 = l1
+        self.diversity = diversity
+        self.seed = seed
+        self.device = device
+
+    @classmethod
+    def paper_recipe(cls, bank: ConceptBank, **overrides: Any) -> LaBoCBM:
+        """The reference code's setting: raw features x100, Adam lr 1e-4, 5,000 epochs, validation every
+        10 epochs, batch 256, no early stopping (CIFAR-10 uses lr 1e-4 and 15,000 epochs, CUB 5e-5)."""
+        params = dict(normalize=False, scale=100.0, lr=1e-4, epochs=5000, batch_size=256, eval_every=10,
+                      patience=None)
+        return cls(bank, **{**params, **overrides})
+
+    # ------------------------------------------------------------------ concepts and head
+    def _similarities(self, features: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            features = nn.functional.normalize(features, dim=1)
+        return features @ self.bank.vectors.to(features.device).T
+
+    def concepts(self, x: Any) -> torch.Tensor:
+        """Image-concept similarities [N, M] (cosines by default, raw dot products with normalize=False)."""
+        return self._similarities(self._features(x))
+
+    def predict_from_concepts(self, c: Any) -> torch.Tensor:
+        scores = as_matrix(c, "concept scores", len(self.concept_names_))
+        return self.scale * scores @ self.weight_.T
+
+    def contributions(self, x: Any) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, M]: logit = sum over concepts."""
+        return self.scale * self.concepts(x)[:, None, :] * self.weight_[None]
+
+    def class_concept_weights(self) -> torch.Tensor:
+        """The softmaxed association matrix [C, M] (rows sum to 1 unless edited): LaBo's explanation."""
+        self._check_fitted()
+        return self.weight_.clone()
+
+    def prior_matrix(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
+        """The language prior [C, M]: 1 where the class proposed the concept, 0 elsewhere."""
+        class_names = list(class_names or self.class_names_)
+        names = list(self.bank.names)
+        matrix = torch.zeros(len(class_names), len(names))
+        if isinstance(self.prior, str):
+            if self.prior != "none":
+                raise ValueError(f"prior must be a class -> concepts mapping, None or 'none', got {self.prior!r}.")
+            return matrix
+        mapping = self.prior if self.prior is not None else _prior_from_provenance(self.bank.provenance)
+        if mapping is None:
+            raise ValueError("the bank records no class-concept associations (it was not made by "
+                             "concepts.select_concepts); pass prior={class: [concepts]} or prior='none'.")
+        column = {name: i for i, name in enumerate(names)}
+        row = {name: i for i, name in enumerate(class_names)}
+        unknown = [name for name in mapping if name not in row]
+        if len(unknown) == len(mapping):
+            raise ValueError(f"none of the prior's classes ({list(mapping)[:5]}) is a class of the data "
+                             f"({class_names[:5]}).")
+        if unknown:
+            logger.warning("the prior names %d classes the data lacks (ignored): %s", len(unknown), unknown[:5])
+        for name, concepts in mapping.items():
+            if name in row:
+                for concept in concepts:
+                    if concept in column:
+                        matrix[row[name], column[concept]] = 1.0
+        return matrix
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, x: Any, y: Any = None, *, validation: Validation = None, class_names: list[str] | None = None,
+            concept_labels: Any = None) -> LaBoCBM:
+        """Train the association matrix; concept labels are not used (LaBo needs none)."""
+        if self.bank.kind != "text":
+            raise ValueError(f"LaBo needs a text concept bank, got a {self.bank.kind!r} bank.")
+        y = labels_of(x, y)
+        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
+        features = as_matrix(x, "x")
+        self.bank.check_features(features, fingerprint)
+        labels = as_labels(y, len(features))
+        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
+        self._set_data_identity(x, class_names, n_classes)
+        self.concept_names_ = list(self.bank.names)
+        self.n_features_in_ = features.shape[1]
+        for name, value in (("lr", self.lr), ("scale", self.scale), ("epochs", self.epochs),
+                            ("eval_every", self.eval_every)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}.")
+        prior = self.prior_matrix()
+        train_x, train_y, val_x, val_y, source = prepare_validation(self, features, labels, validation, self.seed,
+                                                                    self.bank)
+        device = resolve_device(self.device)
+        train_s = self._similarities(train_x).to(device)
+        val_s = self._similarities(val_x).to(device)
+        train_y, val_y = train_y.to(device), val_y.to(device)
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        association = nn.Parameter((self.init_value * prior).to(device))
+        optimiser = torch.optim.Adam([association], lr=self.lr)
+
+        def logits_of(scores: torch.Tensor) -> torch.Tensor:
+            return self.scale * scores @ torch.softmax(association, dim=1).T
+
+        with torch.no_grad():
+            initial_val = accuracy(logits_of(val_s).cpu(), val_y.cpu())
+        best = {"val_accuracy": initial_val, "val_loss": math.inf, "epoch": 0, "seconds": 0.0,
+                "w": association.detach().clone()}
+        history = [{"epoch": 0, "seconds": 0.0, "val_accuracy": initial_val}]
+        started, stale, lowest = time.perf_counter(), 0, math.inf
+        batch = self.batch_size or len(train_s)
+        epoch = 0
+        for epoch in range(1, int(self.epochs) + 1):
+            order = torch.randperm(len(train_s), generator=generator).to(device) if batch < len(train_s) else None
+            for index in (order.split(batch) if order is not None else [slice(None)]):
+                logits = logits_of(train_s[index])
+                loss = nn.functional.cross_entropy(logits, train_y[index])
+                if self.l1:
+                    loss = loss + self.l1 * association.abs().sum(dim=1).max()
+                if self.diversity:
+                    loss = loss - self.diversity * (logits / self.scale).var(dim=1).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            if epoch % self.eval_every and epoch != self.epochs:
+                continue
+            with torch.no_grad():
+                val_logits = logits_of(val_s)
+                val_acc = accuracy(val_logits.cpu(), val_y.cpu())
+                val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
+            seconds = time.perf_counter() - started
+            history.append({"epoch": epoch, "seconds": seconds, "val_accuracy": val_acc, "val_loss": val_loss,
+                            "train_loss": float(loss.detach())})
+            progressed = val_acc > best["val_accuracy"] or val_loss < lowest - 1e-4
+            lowest = min(lowest, val_loss)
+            stale = 0 if progressed else stale + 1
+            if (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"]):
+                best = {"val_accuracy": val_acc, "val_loss": val_loss, "epoch": epoch, "seconds": seconds,
+                        "w": association.detach().clone()}
+            if self.patience is not None and stale >= self.patience:
+                break
+        self.association_ = best["w"].cpu()
+        self.weight_ = torch.softmax(self.association_, dim=1)
+        self.prior_ = prior
+        train_scores = train_s.cpu()
+        self.reference_high_ = torch.quantile(train_scores, 0.95, dim=0)
+        self.reference_low_ = torch.quantile(train_scores, 0.05, dim=0)
+        self.history_ = history
+        self.metrics_ = {"train_accuracy": accuracy(self.predict_from_concepts(train_scores), train_y.cpu()),
+                         "val_accuracy": best["val_accuracy"], "prior_val_accuracy": initial_val}
+        self.training_ = {"samples": len(train_x), "validation": source, "validation_samples": len(val_x),
+                          "epochs_run": epoch, "best_epoch": best["epoch"], "seconds": time.perf_counter() - started,
+                          "seconds_to_best": best["seconds"], "prior_pairs": int(prior.sum())}
+        logger.info("LaBo: best validation accuracy %.3f at epoch %d of %d (prior alone: %.3f)",
+                    best["val_accuracy"], best["epoch"], epoch, initial_val)
+        return self
+
+    # ------------------------------------------------------------------ bundles
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {"weight": self.weight_, "association": self.association_, "prior": self.prior_,
+                   "reference_high": self.reference_high_, "reference_low": self.reference_low_}
+        bank_manifest, bank_tensors = bank_state(self.bank)
+        return {"bank": bank_manifest, "history": self.history_}, {**tensors, **bank_tensors}
+
+    @classmethod
+    def _from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LaBoCBM:
+        state = manifest["state"]
+        model = cls(bank_from_state(state["bank"], tensors), **manifest["params"])
+        _restore_common(model, manifest)
+        k, c = len(model.concept_names_), len(model.class_names_)
+        check_tensors(tensors, {"weight": (c, k), "association": (c, k), "prior": (c, k), "reference_high": (k,),
+                                "reference_low": (k,)})
+        if model.bank.names != model.concept_names_ or model.bank.dim != model.n_features_in_:
+            raise ValueError("the concept bank does not match the model's concepts or input width")
+        model.weight_, model.association_ = tensors["weight"].float(), tensors["association"].float()
+        model.prior_ = tensors["prior"].float()
+        model.reference_high_, model.reference_low_ = tensors["reference_high"].float(), tensors["reference_low"].float()
+        model.history_ = list(state.get("history") or [])
+        return model
+
+
+def _prior_from_provenance(provenance: Mapping[str, Any]) -> dict[str, list[str]] | None:
+    """class -> concepts from a selected bank's provenance (every class that proposed a concept)."""
+    associations = provenance.get("associations")
+    if isinstance(associations, Mapping) and associations:
+        mapping: dict[str, list[str]] = {}
+        for concept, classes in associations.items():
+            for name in classes:
+                mapping.setdefault(name, []).append(concept)
+        for name, concepts in (provenance.get("class_concepts") or {}).items():
+            mapping.setdefault(name, []).extend(c for c in concepts if c not in mapping[name])
+        return mapping
+    chosen = provenance.get("class_concepts")
+    return {name: list(concepts) for name, concepts in chosen.items()} if isinstance(chosen, Mapping) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot protocol and the linear-probe baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def few_shot_indices(labels: Any, shots: int | str, seed: int = 1) -> np.ndarray:
+    """Indices of ``shots`` samples per class drawn with ``seed`` ("all": every sample), sorted.
+
+    A class with fewer samples than ``shots`` keeps all of them (logged).
+    """
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if shots == "all":
+        return np.arange(len(labels))
+    if not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise ValueError(f"shots must be a positive integer or 'all', got {shots!r}.")
+    rng = np.random.default_rng(seed)
+    picked, short = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) <= shots:
+            short.append(int(label))
+            picked.append(members)
+        else:
+            picked.append(rng.choice(members, size=int(shots), replace=False))
+    if short:
+        logger.info("%d classes have at most %d samples and keep them all: %s", len(short), shots, short[:10])
+    return np.sort(np.concatenate(picked))
+
+
+def few_shot(data: Embeddings | tuple[Any, Any], shots: int | str, seed: int = 1) -> Embeddings | tuple[Any, Any]:
+    """The few-shot training subset of an Embeddings (or an (x, y) pair); validation and test stay full."""
+    if isinstance(data, Embeddings):
+        index = few_shot_indices(data.labels, shots, seed)
+        tensor_index = torch.as_tensor(index, dtype=torch.long)
+        meta = {key: value[index] for key, value in data.meta.items()}
+        return dataclasses.replace(
+            data, features=data.features[tensor_index], labels=data.labels[tensor_index],
+            ids=[data.ids[i] for i in index], meta=meta,
+            concept_labels=None if data.concept_labels is None else data.concept_labels[tensor_index])
+    x, y = data
+    index = few_shot_indices(y, shots, seed)
+    return x[index], y[index]
+
+
+class LinearProbe:
+    """The black-box baseline: L2 logistic regression on (L2-normalised, standardised) features with C
+    chosen on validation accuracy, a log grid then a refinement around the best (CoOp's protocol)."""
+
+    def __init__(self, cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), refine: int = 4,
+                 normalize: bool = True, max_iter: int = 1000) -> None:
+        self.cs = cs
+        self.refine = refine
+        self.normalize = normalize
+        self.max_iter = max_iter
+
+    def _prepare(self, x: Any) -> np.ndarray:
+        x = as_matrix(x, "x")
+        if self.normalize:
+            x = nn.functional.normalize(x, dim=1)
+        return x.double().numpy()
+
+    def fit(self, x: Any, y: Any = None, *, validation: Validation = None, seed: int = 0) -> LinearProbe:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        y = labels_of(x, y)
+        features = as_matrix(x, "x")
+        labels = as_labels(y, len(features))
+        train_x, train_y, val_x, val_y, self.validation_ = split_validation(features, labels, validation, seed)
+        train_x, val_x = self._prepare(train_x), self._prepare(val_x)
+        train_y, val_y = train_y.numpy(), np.asarray(val_y)
+        tried: dict[float, tuple[float, Any]] = {}
+
+        def attempt(c: float) -> None:
+            if c not in tried:
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=self.max_iter))
+                model.fit(train_x, train_y)
+                tried[c] = (float(model.score(val_x, val_y)), model)
+
+        for c in self.cs:
+            attempt(float(c))
+        step = 10.0
+        for _ in range(self.refine):  # bisect (in log space) towards the better neighbour
+            step = math.sqrt(step)
+            best_c = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
+            attempt(best_c * step)
+            attempt(best_c / step)
+        self.C_ = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
+        self.val_accuracy_, self.model_ = tried[self.C_]
+        self.tried_ = {c: score for c, (score, _) in sorted(tried.items())}
+        return self
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.model_.predict(self._prepare(x))
+
+    def score(self, x: Any, y: Any = None) -> float:
+        y = labels_of(x, y)
+        return float(np.mean(self.predict(x) == np.asarray(y)))
+
+
+def few_shot_protocol(make_model: Callable[[], Any], train: Embeddings, val: Embeddings, test: Embeddings, *,
+                      shots: Sequence[int | str] = FEW_SHOTS, seed: int = 1, probe: bool = True) -> list[dict[str, Any]]:
+    """LaBo's evaluation: for each shot count, fit a fresh model on ``shots`` training samples per class
+    (drawn with ``seed``) with the full validation split for model selection; accuracy on the full test
+    split, beside the linear probe fitted on the same samples. One row per shot count."""
+    rows = []
+    for n in shots:
+        subset = few_shot(train, n, seed)
+        started = time.perf_counter()
+        model = make_model().fit(subset, validation=val)
+        row = {"shots": n, "train_samples": len(subset), "model_accuracy": model.score(test),
+               "model_val_accuracy": model.metrics_["val_accuracy"], "model_seconds": time.perf_counter() - started}
+        if probe:
+            started = time.perf_counter()
+            baseline = LinearProbe().fit(subset, validation=val)
+            row.update(probe_accuracy=baseline.score(test), probe_val_accuracy=baseline.val_accuracy_,
+                       probe_C=baseline.C_, probe_seconds=time.perf_counter() - started)
+        rows.append(row)
+    return rows
