@@ -10,8 +10,16 @@ import torch
 
 from cbm.embed import Embeddings
 from cbm.models import BundleError, load
-from cbm.models.temporal import (TemporalCBM, TimeAveragedCBM, VideoSequences, localisation_hits, pad_sequences,
-                                 reverse_time, sequences_from_windows, zero_shot_video)
+from cbm.models.temporal import (
+    TemporalCBM,
+    TimeAveragedCBM,
+    VideoSequences,
+    localisation_hits,
+    pad_sequences,
+    reverse_time,
+    sequences_from_windows,
+    zero_shot_video,
+)
 from concepts.bank import ConceptBank
 
 CLASSES = ["red then blue", "blue then red", "big then left", "left then big"]

@@ -518,8 +518,13 @@ class TemporalCBM(ConceptBottleneckModel):
 
     def explain(self, x: SequenceInput, *, attention_mode: str | None = None, drop_concepts: Sequence[str] = (),
                 noise_concepts: Sequence[str] = (), noise_std: float = 1.0, drop_windows: Any = None,
-                values: Mapping[str, Any] | tuple[Any, Any] | None = None, seed: int = 0) -> TemporalExplanation:
+                values: Mapping[str, Any] | tuple[Any, Any] | None = None, seed: int = 0,
+                return_attention: bool = True, chunk: int = 16) -> TemporalExplanation:
         """One forward pass with every explanation, optionally under interventions.
+
+        Videos are run in chunks of ``chunk`` of similar length (sorted by length, each chunk
+        trimmed to its longest video), so padding costs little; results do not depend on the
+        batch. ``return_attention=False`` leaves ``attention`` empty (it is [B, K, T, T]).
 
         Input-stage interventions (before the temporal block, as in the reference): ``drop_concepts``
         zeroes concept activations, ``noise_concepts`` adds Gaussian noise (``noise_std``, seeded),
@@ -541,8 +546,18 @@ class TemporalCBM(ConceptBottleneckModel):
         if drop_windows is not None:
             activations = activations * ~self._window_mask(drop_windows, valid)[..., None]
         net = self._network()
+        b, t = valid.shape
         with torch.no_grad():
-            concepts, attention = net.bottleneck(activations, valid, attention_mode, generator)
+            concepts = torch.zeros_like(activations)
+            heads = len(self.concept_names_) if self.attention == "per_concept" else self.heads
+            attention = torch.zeros(b, heads, t, t) if return_attention else torch.zeros(0)
+            order = valid.sum(1).argsort(stable=True)
+            for rows in order.split(max(1, int(chunk))):
+                width = int(valid[rows].sum(1).max())
+                part, weights = net.bottleneck(activations[rows, :width], valid[rows, :width], attention_mode, generator)
+                concepts[rows, :width] = part
+                if return_attention:
+                    attention[rows, :, :width, :width] = weights
             if values is not None:
                 concepts = self._set_concepts(concepts, valid, values)
             logits, window_logits = net.head(concepts, valid, self.tau)
@@ -596,11 +611,11 @@ class TemporalCBM(ConceptBottleneckModel):
     # ------------------------------------------------------------------ the shared interface
     def concepts(self, x: SequenceInput) -> torch.Tensor:
         """Per-window bottleneck concepts [B, T, K] (non-negative, zero at padding)."""
-        return self.explain(x).concepts
+        return self.explain(x, return_attention=False).concepts
 
     def pooled_concepts(self, x: SequenceInput) -> torch.Tensor:
         """Video-level concepts [B, K]: log-sum-exp of the per-window concepts over valid windows."""
-        e = self.explain(x)
+        e = self.explain(x, return_attention=False)
         masked = (self.tau * e.concepts).masked_fill(~e.valid[..., None], float("-inf"))
         return torch.logsumexp(masked, dim=1) / self.tau
 
@@ -622,7 +637,7 @@ class TemporalCBM(ConceptBottleneckModel):
 
     def decision_function(self, x: SequenceInput) -> torch.Tensor:
         """Class logits [B, C], one row per video."""
-        return self.explain(x).logits
+        return self.explain(x, return_attention=False).logits
 
     def score(self, x: SequenceInput, y: Any = None, sample_weight: Any = None) -> float:
         """Video accuracy; ``y`` defaults to the video labels of Embeddings / VideoSequences."""
@@ -641,7 +656,7 @@ class TemporalCBM(ConceptBottleneckModel):
         """Logits [B, C] after interventions: ``values`` on the bottleneck concepts and any option
         of :meth:`explain` (``drop_concepts``, ``noise_concepts``, ``drop_windows``,
         ``attention_mode``, ``seed``)."""
-        return self.explain(x, values=values, **options).logits
+        return self.explain(x, values=values, **{"return_attention": False, **options}).logits
 
     def intervention_values(self, x: SequenceInput, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,14 +668,14 @@ class TemporalCBM(ConceptBottleneckModel):
     def contributions(self, x: SequenceInput) -> torch.Tensor:
         """Time-weighted contributions [B, C, K]: ``sum_t alpha_t[c] c_t[k] W[c, k]`` with
         ``alpha[c] = softmax_t(tau z_t[c])``; ``logit[c] = sum_k (.) + b[c] + H(alpha[c]) / tau``."""
-        e = self.explain(x)
+        e = self.explain(x, return_attention=False)
         weight = self._network().classifier.weight.detach()  # [C, K]
         alpha = torch.softmax((self.tau * e.window_logits).masked_fill(~e.valid[..., None], float("-inf")), dim=1)
         return torch.einsum("btc,btk,ck->bck", alpha, e.concepts, weight)
 
     def window_contributions(self, x: SequenceInput, target: Any = None) -> torch.Tensor:
         """Per-window contributions [B, T, K] to ``target`` (class indices [B]; default: predicted)."""
-        e = self.explain(x)
+        e = self.explain(x, return_attention=False)
         target = e.prediction if target is None else torch.as_tensor(np.asarray(target)).long().reshape(-1)
         return e.concepts * self._network().classifier.weight.detach()[target][:, None, :]
 
@@ -671,7 +686,7 @@ class TemporalCBM(ConceptBottleneckModel):
     def global_importance(self, x: SequenceInput) -> dict[str, list[tuple[str, float]]]:
         """Per class, concepts ranked by their mean time-weighted contribution over the videos
         predicted as that class (non-zero ones only)."""
-        e = self.explain(x)
+        e = self.explain(x, return_attention=False)
         result = {}
         for c, name in enumerate(self.class_names_):
             rows = e.prediction == c
