@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
     reason="the shipped toy models (cbm/assets/toy_clip, cbm/assets/toy_cnn) are missing; "
            "build them with `python -m cbm.toymodels.train`")
 
-SIZES = {"train": 600, "val": 300, "test": 300}
+SIZES = {"train": 600, "test": 300}  # CAV validation is a held-out part of train
 
 # Phrases that describe nothing in the toy world (no shapes, colours, patterns or layout words).
 _THINGS = ["violin", "tax form", "glacier", "opera house", "submarine", "keyboard", "sandwich", "giraffe",
