@@ -225,7 +225,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     """Open the concept editor in the browser (Streamlit), bound to 127.0.0.1 unless --host says otherwise."""
     import os
-    import subprocess
 
     import app
 
@@ -238,7 +237,8 @@ def cmd_app(args: argparse.Namespace) -> int:
                "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     print(f"concept editor on http://{args.host}:{args.port} (Ctrl+C stops it)"
           + ("" if args.model else "; the toy demo model is built on first use and cached"))
-    return subprocess.call(command, env=env)
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)  # become the server, so signals reach it directly
 
 
 def describe_model(path: str) -> str:
