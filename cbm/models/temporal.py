@@ -427,6 +427,17 @@ SequenceInput = Any  # VideoSequences | Embeddings (windows) | (x [B,T,D], valid
 # The model
 # ---------------------------------------------------------------------------------------------
 
+def _length_batches(lengths: torch.Tensor, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled mini-batches of videos of similar length: a random order, sorted by length inside
+    pools of 8 batches, cut into batches whose order is shuffled again (less padding to run)."""
+    order = torch.randperm(len(lengths), generator=generator)
+    batches = []
+    for pool in order.split(8 * size):
+        pool = pool[lengths[pool].argsort(stable=True)]
+        batches.extend(pool.split(size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 class TemporalCBM(ConceptBottleneckModel):
     """MoTIF temporal concept bottleneck over a concept bank (see the module docstring).
 
@@ -781,10 +792,11 @@ class TemporalCBM(ConceptBottleneckModel):
             class_weight = class_weight.to(device)
             best = (-1.0, float("inf"), copy.deepcopy(net.state_dict()), 0)
             history, stale = [], 0
+            lengths = valid.sum(1).cpu()
             for epoch in range(1, self.epochs + 1):
                 net.train()
                 total = 0.0
-                for batch in torch.randperm(len(train_a), generator=generator).split(self.batch_size):
+                for batch in _length_batches(lengths, self.batch_size, generator):
                     batch = batch.to(device)
                     width = int(valid[batch].sum(1).max())
                     a, v = train_a[batch, :width], valid[batch, :width]
