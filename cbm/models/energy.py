@@ -137,6 +137,15 @@ class EnergyNetworks(nn.Module):
         z = F.relu(g[:, None] * (1 + v))
         return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
 
+    def concept_energy_parts(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-batch constants of ``concept_energy_soft``: its pre-activation is ``z0 + p * dz``."""
+        v0, v1 = self.concept_embedding[:, 0], self.concept_embedding[:, 1]
+        return g[:, None] * (1 + v0)[None], g[:, None] * (v1 - v0)[None]
+
+    def concept_energy_from_parts(self, parts: tuple[torch.Tensor, torch.Tensor], p_c: torch.Tensor) -> torch.Tensor:
+        z = F.relu(parts[0] + p_c[..., None] * parts[1])
+        return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
+
     # -- global energy
     def global_from_e(self, e: torch.Tensor) -> torch.Tensor:
         """E_cy for every class from pre-activations e [..., M, H] or [..., H] -> [..., M]."""
@@ -557,6 +566,7 @@ class EnergyCBM(ConceptBottleneckModel):
         b, m, k = len(x), net.m, net.k
         with torch.no_grad():
             h, g = net.encode(x)
+            g = net.concept_energy_parts(g)
         for p in net.parameters():
             p.requires_grad_(False)
         try:
@@ -615,7 +625,7 @@ class EnergyCBM(ConceptBottleneckModel):
         if lam[0]:
             total = total + lam[0] * net.class_energy_soft(h, p_y)
         if lam[1]:
-            total = total + lam[1] * net.concept_energy_soft(g, p_c).sum(1)
+            total = total + lam[1] * net.concept_energy_from_parts(g, p_c).sum(1)
         if lam[2]:
             total = total + lam[2] * net.global_energy_soft(p_c, p_y, links)
         return total
