@@ -44,7 +44,11 @@ def served_app(setup, tmp_path):  # noqa: F811
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def test_editor_renders_and_a_slider_changes_the_prediction(served_app, tmp_path):
