@@ -271,41 +271,47 @@ def test_crafted_bundles_are_refused(model, tmp_path, damage, message):
 
 
 # ==================================================================================== the toy world
-toy = pytest.mark.skipif(not (TOY_SPECS["toy:cnn"].is_dir() and TOY_SPECS["toy:clip"].is_dir()),
-                         reason="the shipped toy models (cbm/assets/toy_cnn, toy_clip) are missing; "
-                                "build them with `python -m cbm.toymodels.train`")
 SIZES = {"train": 1500, "val": 500, "test": 500}
 TOY_FIT = dict(hidden=128, batch_size=128, max_epochs=60, patience=6, inference_batch=1024)
+SPECS = [pytest.param(spec, marks=pytest.mark.skipif(
+    not TOY_SPECS[spec].is_dir(), reason=f"the shipped toy model {spec} ({TOY_SPECS[spec]}) is missing; build it "
+                                         "with `python -m cbm.toymodels.train`")) for spec in ("toy:cnn", "toy:clip")]
 
 
 @pytest.fixture(scope="session")
-def toy_world(tmp_path_factory):
-    """ECBM and the joint CBM baseline fitted on both toy backbones' embeddings (fitted once per session)."""
-    from cbm.demo import toy_embeddings
-
-    cache = tmp_path_factory.mktemp("energy_toy_cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for spec in ("toy:cnn", "toy:clip"):
-        splits = toy_embeddings(load_backbone(spec, device="cpu"), "toy:images", sizes=SIZES, cache_dir=cache,
-                                progress=False)
-        train, val, test = splits["train"], splits["val"], splits["test"]
-        started = time.perf_counter()
-        ecbm = EnergyCBM(seed=0, **TOY_FIT).fit(train, validation=val)
-        seconds = time.perf_counter() - started
-        joint = JointCBMBaseline().fit(train.features, train.labels, train.concept_labels,
-                                       (val.features, val.labels, val.concept_labels))
-        inference = ecbm.infer(test)
-        out[spec] = {"splits": splits, "ecbm": ecbm, "joint": joint, "inference": inference, "fit_seconds": seconds}
-    yield out
-    torch.set_num_threads(threads)
+def toy_cache(tmp_path_factory):
+    return {"dir": tmp_path_factory.mktemp("energy_toy_cache")}
 
 
-@toy
-@pytest.mark.parametrize("spec", ["toy:cnn", "toy:clip"])
+@pytest.fixture
+def toy_world(toy_cache):
+    """ECBM and the joint CBM baseline fitted on one toy backbone's embeddings (once per session)."""
+    def get(spec):
+        if spec not in toy_cache:
+            from cbm.demo import toy_embeddings
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                splits = toy_embeddings(load_backbone(spec, device="cpu"), "toy:images", sizes=SIZES,
+                                        cache_dir=toy_cache["dir"], progress=False)
+                train, val = splits["train"], splits["val"]
+                started = time.perf_counter()
+                ecbm = EnergyCBM(seed=0, **TOY_FIT).fit(train, validation=val)
+                seconds = time.perf_counter() - started
+                joint = JointCBMBaseline().fit(train.features, train.labels, train.concept_labels,
+                                               (val.features, val.labels, val.concept_labels))
+                toy_cache[spec] = {"splits": splits, "ecbm": ecbm, "joint": joint, "fit_seconds": seconds,
+                                   "inference": ecbm.infer(splits["test"])}
+            finally:
+                torch.set_num_threads(threads)
+        return toy_cache[spec]
+    return get
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_toy_accuracy_at_least_the_joint_cbm(toy_world, spec):
-    entry = toy_world[spec]
+    entry = toy_world(spec)
     test, inference, joint = entry["splits"]["test"], entry["inference"], entry["joint"]
     truth = test.concept_labels
     ours = float((inference.class_probs.argmax(1) == test.labels).float().mean())
@@ -330,10 +336,9 @@ def _dependent_cases(test, names):
     return cases
 
 
-@toy
-@pytest.mark.parametrize("spec", ["toy:cnn", "toy:clip"])
+@pytest.mark.parametrize("spec", SPECS)
 def test_toy_correcting_a_concept_moves_its_dependent_partner_toward_the_truth(toy_world, spec):
-    entry = toy_world[spec]
+    entry = toy_world(spec)
     test, model, joint = entry["splits"]["test"], entry["ecbm"], entry["joint"]
     cases = _dependent_cases(test, model.concept_names)
     rows = torch.tensor([r for r, _, _ in cases])
@@ -355,12 +360,11 @@ def test_toy_correcting_a_concept_moves_its_dependent_partner_toward_the_truth(t
     assert toward > joint_toward and toward > away
 
 
-@toy
-@pytest.mark.parametrize("spec", ["toy:cnn", "toy:clip"])
+@pytest.mark.parametrize("spec", SPECS)
 def test_toy_energy_class_concept_probabilities_match_the_world(toy_world, spec):
     from cbm.data.toy import class_concept_matrix
 
-    entry = toy_world[spec]
+    entry = toy_world(spec)
     energy = entry["ecbm"].conditionals(chains=128, sweeps=80)
     empirical = entry["ecbm"].empirical_conditionals(entry["splits"]["test"], inference=entry["inference"])
     world = class_concept_matrix()
@@ -370,10 +374,9 @@ def test_toy_energy_class_concept_probabilities_match_the_world(toy_world, spec)
     assert r_energy >= 0.9
 
 
-@toy
-@pytest.mark.parametrize("spec", ["toy:cnn", "toy:clip"])
+@pytest.mark.parametrize("spec", SPECS)
 def test_toy_class_accuracy_rises_as_more_concepts_are_corrected(toy_world, spec):
-    entry = toy_world[spec]
+    entry = toy_world(spec)
     test, model, before = entry["splits"]["test"], entry["ecbm"], entry["inference"]
     order = torch.randperm(len(model.concept_names), generator=torch.Generator().manual_seed(0))
     curve = []

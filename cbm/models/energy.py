@@ -330,7 +330,7 @@ class EnergyCBM(ConceptBottleneckModel):
     # ------------------------------------------------------------------ concept labels
     def _concept_targets(self, x: Any, features: torch.Tensor, concept_labels: Any,
                          fingerprint: str | None) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
-        if concept_labels is None and isinstance(x, Embeddings) and x.concept_labels is not None:
+        if concept_labels is None and self.bank is None and isinstance(x, Embeddings) and x.concept_labels is not None:
             concept_labels = x.concept_labels
             names = list(x.concept_names or [])
             source: dict[str, Any] = {"source": "dataset concept labels"}
@@ -374,9 +374,10 @@ class EnergyCBM(ConceptBottleneckModel):
     # ------------------------------------------------------------------ fitting
     def fit(self, x: Any, y: Any = None, *, concept_labels: Any = None, validation: Validation = None,
             validation_concepts: Any = None, class_names: list[str] | None = None) -> EnergyCBM:
-        """Train the three energies. Concept labels come from ``concept_labels``, from an Embeddings ``x``,
-        or as pseudo-labels from ``bank``; the validation split's from ``validation_concepts``, an
-        Embeddings ``validation``, or the same pseudo-labelling."""
+        """Train the three energies. Concept labels come, in this order, from ``concept_labels``, as
+        pseudo-labels from ``bank`` when one was given, or from an Embeddings ``x`` that carries them;
+        the validation split's from ``validation_concepts``, the same pseudo-labelling, or an
+        Embeddings ``validation``."""
         if y is None and isinstance(x, Embeddings):
             y = x.labels
         if y is None:
