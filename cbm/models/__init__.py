@@ -1,7 +1,32 @@
-"""The concept bottleneck model families, behind one scikit-learn-style interface."""
+"""The concept bottleneck model families, behind one scikit-learn-style interface.
+
+Importing this package registers every family, so ``load`` can read any bundle.
+"""
 
 from cbm.models.base import FAMILIES, ConceptBottleneckModel, EditRecord, load
 from cbm.models.bundle import BundleError
+from cbm.models.energy import EnergyCBM
+from cbm.models.labo import LaBoCBM, LinearProbe, few_shot, few_shot_protocol
 from cbm.models.posthoc import PosthocCBM
+from cbm.models.sparse import ConceptMatrixSearch, SparseCBM
+from cbm.models.temporal import TemporalCBM, TimeAveragedCBM, VideoSequences, sequences_from_windows
 
-__all__ = ["FAMILIES", "BundleError", "ConceptBottleneckModel", "EditRecord", "PosthocCBM", "load"]
+__all__ = [
+    "FAMILIES",
+    "BundleError",
+    "ConceptBottleneckModel",
+    "ConceptMatrixSearch",
+    "EditRecord",
+    "EnergyCBM",
+    "LaBoCBM",
+    "LinearProbe",
+    "PosthocCBM",
+    "SparseCBM",
+    "TemporalCBM",
+    "TimeAveragedCBM",
+    "VideoSequences",
+    "few_shot",
+    "few_shot_protocol",
+    "load",
+    "sequences_from_windows",
+]
