@@ -27,12 +27,15 @@ SPLITS = ("train", "val", "test")
 
 
 def toy_embeddings(backbone: Backbone, dataset: str = "toy:images", *, sizes: dict[str, int] | None = None,
-                   cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Embeddings]:
-    """Embeddings of the toy world's train/val/test splits (``dataset`` is a ``toy:`` spec without split)."""
+                   cache_dir: str | Path | None = None, progress: bool = True, **options: Any) -> dict[str, Embeddings]:
+    """Embeddings of the toy world's train/val/test splits (``dataset`` is a ``toy:`` spec without split).
+
+    ``options`` go to the dataset (e.g. ``frames_per_window=4`` for ``toy:videos``).
+    """
     result = {}
     for split in SPLITS:
-        options = {"n": sizes[split]} if sizes else {}
-        data = load_dataset(f"{dataset}@{split}", **options)
+        size = {"n": sizes[split]} if sizes else {}
+        data = load_dataset(f"{dataset}@{split}", **size, **options)
         result[split] = embed(backbone, data, cache_dir=cache_dir, progress=progress, num_workers=0)
     return result
 
