@@ -259,6 +259,21 @@ def describe_model(path: str) -> str:
     return "\n".join(lines)
 
 
+def _load_encoder(spec: str):
+    from cbm.backbones import load_backbone
+    return load_backbone(spec)
+
+
+def _load_labelled_embeddings(backbone_spec: str, data_spec: str):
+    """(features, labels, class names) of a dataset under a backbone, through the cache."""
+    from cbm.backbones import load_backbone
+    from cbm.data.registry import load_dataset
+    from cbm.embed import embed
+
+    result = embed(load_backbone(backbone_spec), load_dataset(data_spec))
+    return result.features, result.labels, result.class_names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     editor.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     editor.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     editor.set_defaults(run=cmd_app)
+
+    from concepts.cli import add_commands as add_concept_commands
+    add_concept_commands(commands, load_encoder=_load_encoder, load_embeddings=_load_labelled_embeddings)
 
     fit = commands.add_parser("fit", help="fit a concept bottleneck model and save it", description=cmd_fit.__doc__,
                               epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
