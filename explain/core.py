@@ -1,0 +1,200 @@
+"""What every explanation needs from a fitted model and its data, computed once and in batches.
+
+``EvalData`` normalises the data arguments (an :class:`~cbm.embed.Embeddings`, or a tuple
+``(x, y)`` / ``(x, y, concept_labels)``). ``ModelView`` wraps any
+:class:`~cbm.models.base.ConceptBottleneckModel` and offers batched concepts, contributions and
+intervened logits. Intervened logits go through ``model.intervene`` unless the model's logits are
+``predict_from_concepts(c) + offset(x)`` (true for every linear head, with or without a residual):
+that is checked numerically once per model and data, and then interventions evaluate only the head,
+which makes intervention curves and ablations cheap even for hundreds of concepts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbm.embed import Embeddings
+from cbm.models.base import ConceptBottleneckModel
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 4096
+DataLike = Embeddings | tuple[Any, ...]
+
+
+@dataclass
+class EvalData:
+    """Features, labels and (optional) binary concept labels of one split, plus a display name."""
+
+    features: torch.Tensor
+    labels: torch.Tensor | None
+    concept_labels: torch.Tensor | None = None
+    concept_names: list[str] | None = None
+    ids: list[str] = field(default_factory=list)
+    name: str = "data"
+    source: Any = None  # the Embeddings it came from, kept for the model's fingerprint check
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def subset(self, index: torch.Tensor) -> EvalData:
+        """The rows ``index`` (a 1-D index tensor)."""
+        pick = index.tolist()
+        return EvalData(self.features[index], None if self.labels is None else self.labels[index],
+                        None if self.concept_labels is None else self.concept_labels[index], self.concept_names,
+                        [self.ids[i] for i in pick] if self.ids else [], self.name)
+
+    def concept_truth(self, concept_names: Sequence[str]) -> torch.Tensor | None:
+        """Binary concept labels [N, K] in the order of ``concept_names`` (None unless all are labelled)."""
+        if self.concept_labels is None or self.concept_names is None:
+            return None
+        index = {name: i for i, name in enumerate(self.concept_names)}
+        if not all(name in index for name in concept_names):
+            return None
+        return self.concept_labels[:, [index[name] for name in concept_names]].float()
+
+
+def as_data(data: DataLike | EvalData, name: str | None = None) -> EvalData:
+    """An :class:`EvalData` from an Embeddings, an EvalData or a tuple ``(x, y[, concept_labels[, names]])``."""
+    if isinstance(data, EvalData):
+        return data
+    if isinstance(data, Embeddings):
+        return EvalData(data.features.float(), torch.as_tensor(data.labels).long(),
+                        None if data.concept_labels is None else torch.as_tensor(data.concept_labels).float(),
+                        data.concept_names, list(data.ids), name or "data", source=data)
+    if isinstance(data, tuple) and 1 <= len(data) <= 4:
+        x = torch.as_tensor(np.asarray(data[0]) if not isinstance(data[0], torch.Tensor) else data[0]).float()
+        y = None if len(data) < 2 or data[1] is None else torch.as_tensor(np.asarray(data[1])).long()
+        concepts = None if len(data) < 3 or data[2] is None else torch.as_tensor(np.asarray(data[2])).float()
+        names = list(data[3]) if len(data) > 3 and data[3] is not None else None
+        return EvalData(x, y, concepts, names, [str(i) for i in range(len(x))], name or "data")
+    raise TypeError(f"data must be an Embeddings or a tuple (x, y[, concept_labels]), got {type(data).__name__}.")
+
+
+class ModelView:
+    """Batched, cached access to one fitted model's outputs on one split (see the module docstring)."""
+
+    def __init__(self, model: ConceptBottleneckModel, data: EvalData) -> None:
+        self.model = model
+        self.data = data
+        self.concept_names = model.concept_names
+        self.class_names = model.class_names
+        source = data.source
+        if (isinstance(source, Embeddings) and model.backbone_fingerprint_
+                and source.backbone_fingerprint != model.backbone_fingerprint_):
+            raise ValueError(f"{data.name} was embedded with {source.backbone_spec} but the model was fitted on "
+                             f"{model.backbone_spec_} features (fingerprints differ); embed it with that backbone.")
+        self.concepts = self._batched(lambda rows: model.concepts(rows))
+        self.logits = self._batched(lambda rows: model.decision_function(rows))
+        head = self._head(self.concepts)
+        self.offset = self.logits - head
+        self.additive = self._check_additive()
+        self.weight = self._linear_head() if self.additive else None
+
+    def _batched(self, fn: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.data.features if rows is None else rows
+        if len(rows) == 0:
+            return fn(rows)
+        return torch.cat([fn(chunk).detach().float() for chunk in rows.split(BATCH_ROWS)])
+
+    def _head(self, concepts: torch.Tensor) -> torch.Tensor:
+        return self._batched(lambda rows: self.model.predict_from_concepts(rows), concepts)
+
+    def _random_concepts(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` random concept vectors inside the box of the observed activations (valid for every
+        family, e.g. probabilities stay in [0, 1])."""
+        low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
+        return low + torch.rand(n, len(low), generator=torch.Generator().manual_seed(seed)) * (high - low)
+
+    def _check_additive(self) -> bool:
+        """Whether intervened logits equal head(changed concepts) + offset, on a few random edits."""
+        n = min(len(self.data), 16)
+        if n == 0:
+            return True
+        mask = torch.rand(n, self.concepts.shape[1], generator=torch.Generator().manual_seed(0)) < 0.5
+        values = self._random_concepts(n, seed=1)
+        exact = self.model.intervene(self.data.features[:n], (mask, values)).detach().float()
+        fast = self._head(torch.where(mask, values, self.concepts[:n])) + self.offset[:n]
+        additive = bool(torch.allclose(exact, fast, atol=1e-3, rtol=1e-3))
+        if not additive:
+            logger.info("%s: logits are not head(concepts) + offset; interventions use model.intervene",
+                        type(self.model).__name__)
+        return additive
+
+    def _linear_head(self) -> torch.Tensor | None:
+        """The head's weight [C, K] when ``predict_from_concepts`` is affine (checked numerically), else None."""
+        low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
+        span = (high - low).clamp_min(1e-6)
+        base = self._head(low[None])
+        weight = ((self._head(low + torch.diag(span)) - base) / span[:, None]).T
+        probe = self._random_concepts(8, seed=2)
+        if not torch.allclose(self._head(probe), base + (probe - low) @ weight.T, atol=1e-3, rtol=1e-3):
+            return None
+        return weight
+
+    def single_change_logits(self, rows: torch.Tensor, current: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Logits [n, K, C] of samples ``rows`` when concept k alone goes from ``current`` [n, K] to ``values`` [n, K]."""
+        n, k = current.shape
+        if self.weight is not None:
+            base = self._head(current) + self.offset[rows]
+            return base[:, None, :] + (values - current)[:, :, None] * self.weight.T[None]
+        out = []
+        for start in range(0, n, max(1, BATCH_ROWS // k)):
+            part = slice(start, start + max(1, BATCH_ROWS // k))
+            trial = current[part].repeat_interleave(k, dim=0)
+            columns = torch.arange(k).repeat(len(trial) // k)
+            trial[torch.arange(len(trial)), columns] = values[part].reshape(-1)
+            logits = self.intervened_logits(rows[part].repeat_interleave(k), trial)
+            out.append(logits.reshape(-1, k, logits.shape[1]))
+        return torch.cat(out)
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def contributions(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``model.contributions`` [N, C, K] for the rows ``rows`` (all when None)."""
+        features = self.data.features if rows is None else self.data.features[rows]
+        return self._batched(lambda chunk: self.model.contributions(chunk), features)
+
+    def intervened_logits(self, rows: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        """Logits of samples ``rows`` (indices, repeats allowed) with concepts replaced by ``changed`` [R, K]."""
+        if self.additive:
+            return self._head(changed) + self.offset[rows]
+        mask = torch.ones_like(changed, dtype=torch.bool)
+        return torch.cat([self.model.intervene(self.data.features[index], (mask[start:start + len(index)],
+                                                                           changed[start:start + len(index)])).detach()
+                          for start, index in zip(range(0, len(rows), BATCH_ROWS), rows.split(BATCH_ROWS))]).float()
+
+
+def concept_bounds(view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-concept "low"/"high" values [K]: the family's references where it has them, else the
+    5th/95th percentiles of the activations on the data (so any family gets sensible targets)."""
+    names = view.concept_names
+    try:
+        low = torch.tensor([view.model.concept_reference(name, "low") for name in names], dtype=torch.float32)
+        high = torch.tensor([view.model.concept_reference(name, "high") for name in names], dtype=torch.float32)
+        if torch.isfinite(low).all() and torch.isfinite(high).all():
+            return low, high
+    except (ValueError, KeyError, AttributeError):
+        pass
+    return torch.quantile(view.concepts, 0.05, dim=0), torch.quantile(view.concepts, 0.95, dim=0)
+
+
+def ci95(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and a 95% Student-t interval along ``axis`` (zero width with a single value)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[axis]
+    mean = values.mean(axis=axis)
+    if n < 2:
+        return mean, mean.copy(), mean.copy()
+    half = stats.t.ppf(0.975, n - 1) * values.std(axis=axis, ddof=1) / np.sqrt(n)
+    return mean, mean - half, mean + half

@@ -1,0 +1,180 @@
+"""Matplotlib figures of explanations, interventions, metrics and TCAV, built once and reused.
+
+Every function returns a :class:`matplotlib.figure.Figure` made without pyplot (no global figure
+registry, no GUI backend, safe in Streamlit and threads): the audit report embeds them, the
+concept editor shows them with ``st.pyplot(fig)``, and users can ``fig.savefig(...)``.
+``to_svg`` / ``to_png_base64`` turn a figure into something an HTML page can inline.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from explain.explanations import Importance, SampleExplanation
+    from explain.interventions import InterventionCurves
+    from explain.tcav import TCAVReport
+
+POLICY_COLOURS = {"random": "#7f7f7f", "uncertain": "#1f77b4", "contribution": "#ff7f0e", "oracle": "#2ca02c"}
+POSITIVE, NEGATIVE = "#2b7bba", "#d7301f"
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def to_svg(fig: Figure) -> str:
+    """The figure as an inline ``<svg>`` element (text kept as text, so it stays small and searchable)."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "cbm"}):
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None,
+                                                                         "Format": None, "Type": None})
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def to_png_base64(fig: Figure, dpi: int = 110) -> str:
+    """The figure as a ``data:image/png;base64,...`` URI."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
+    """Row-normalised confusion matrix (rows: true class), counts written in the cells when few classes."""
+    matrix = np.asarray(confusion, dtype=float)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    side = min(2.5 + 0.42 * n, 11)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    labels = [_short(c, 18) for c in class_names]
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=6,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    return fig
+
+
+def importance_figure(importance: Importance, k: int = 3, highlight: Sequence[str] = ()) -> Figure:
+    """Heatmap of classes x the union of every class's top-``k`` concepts (share of the class's
+    total importance, signed); ``highlight`` concepts (e.g. suspects) are marked in red."""
+    share = importance.share().numpy()
+    chosen: list[int] = []
+    for row in np.abs(share):
+        chosen += [int(i) for i in np.argsort(-row)[:k] if row[i] > 0 and int(i) not in chosen]
+    chosen = chosen[:40] or [0]
+    values = share[:, chosen]
+    limit = max(float(np.abs(values).max()), 1e-6)
+    fig = Figure(figsize=(min(3 + 0.32 * len(chosen), 14), min(2 + 0.3 * len(importance.class_names), 10)))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(chosen)), [_short(importance.concept_names[i], 22) for i in chosen], rotation=60,
+                  ha="right", fontsize=7)
+    for tick, index in zip(ax.get_xticklabels(), chosen):
+        if importance.concept_names[index] in highlight:
+            tick.set_color(NEGATIVE)
+            tick.set_fontweight("bold")
+    ax.set_yticks(range(len(importance.class_names)), [_short(c, 18) for c in importance.class_names], fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.03, label="share of class importance")
+    ax.set_title("global concept importance per class", fontsize=9)
+    return fig
+
+
+def contribution_figure(explanation: SampleExplanation) -> Figure:
+    """Horizontal bars of one sample's top contributions to its predicted class, plus the rest."""
+    names = [_short(c, 24) for c, _, _ in explanation.top] + ["other concepts", "bias / residual"]
+    values = [v for _, _, v in explanation.top] + [explanation.other, explanation.rest]
+    fig = Figure(figsize=(3.6, 0.3 * len(names) + 0.8))
+    ax = fig.add_subplot()
+    colours = [POSITIVE if v >= 0 else NEGATIVE for v in values[:-2]] + ["#bbbbbb", "#dddddd"]
+    ax.barh(range(len(values)), values, color=colours)
+    ax.set_yticks(range(len(values)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(f"why {_short(explanation.predicted, 20)}", fontsize=8)
+    return fig
+
+
+def intervention_figure(curves: InterventionCurves) -> Figure:
+    """Accuracy against concepts corrected, one line per policy (dashed: imperfect experts), 95% bands."""
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.add_subplot()
+    from explain.core import ci95
+    for (policy, competence), values in curves.accuracy.items():
+        mean, low, high = ci95(values)
+        style = "-" if competence == 1.0 else (0, (4, 2)) if competence >= 0.75 else ":"
+        colour = POLICY_COLOURS.get(policy, "#000000")
+        ax.plot(curves.counts, mean, linestyle=style, color=colour, marker="o", markersize=2.5,
+                label=f"{policy} (expert {competence:.0%})")
+        ax.fill_between(curves.counts, low, high, color=colour, alpha=0.12, linewidth=0)
+    ax.set_xlabel("concepts corrected per sample")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"test-time interventions ({curves.samples} samples, truth: {curves.truth})", fontsize=8)
+    return fig
+
+
+def concept_quality_figure(rows: Sequence[dict[str, Any]], k: int = 40) -> Figure:
+    """ROC-AUC of the ``k`` worst-detected concepts (the ones to look at), against chance."""
+    rated = sorted((r for r in rows if r.get("auc") is not None), key=lambda r: r["auc"])[:k]
+    fig = Figure(figsize=(6, 0.18 * max(len(rated), 4) + 1))
+    ax = fig.add_subplot()
+    ax.barh(range(len(rated)), [r["auc"] for r in rated], color=POSITIVE)
+    ax.set_yticks(range(len(rated)), [_short(r["concept"], 26) for r in rated], fontsize=6)
+    ax.axvline(0.5, color="black", linewidth=0.6, linestyle="--")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("concept ROC-AUC against the concept labels")
+    return fig
+
+
+def accuracy_figure(rows: Sequence[tuple[str, float]]) -> Figure:
+    """Bars of the model's accuracy and its baselines."""
+    fig = Figure(figsize=(5, 0.35 * len(rows) + 0.8))
+    ax = fig.add_subplot()
+    ax.barh(range(len(rows)), [v for _, v in rows], color=[POSITIVE] + ["#999999"] * (len(rows) - 1))
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    return fig
+
+
+def tcav_figure(report: TCAVReport) -> Figure:
+    """TCAV scores per (concept, class) with the random concepts' mean and spread; pale bars are
+    not significant after Holm correction and should not be read as explanations."""
+    results = report.results
+    fig = Figure(figsize=(max(4, 0.45 * len(results) + 1.5), 3.4))
+    ax = fig.add_subplot()
+    x = np.arange(len(results))
+    ax.bar(x, [r.mean for r in results], color=[POSITIVE if r.significant else "#c6dbef" for r in results],
+           yerr=[np.std(r.scores) for r in results], capsize=2, label="concept")
+    ax.errorbar(x, [r.random_mean for r in results], yerr=[np.std(r.random_scores) for r in results], fmt="_",
+                color="black", markersize=12, label="random concepts")
+    for i, r in enumerate(results):
+        if r.significant:
+            ax.text(i, min(r.mean + np.std(r.scores) + 0.03, 1.02), "*", ha="center", fontsize=10)
+    ax.set_xticks(x, [_short(f"{r.concept} → {r.target}", 30) for r in results], rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("TCAV score")
+    ax.legend(fontsize=7)
+    ax.set_title(f"TCAV (* significant, alpha {report.alpha}, Holm)", fontsize=8)
+    return fig

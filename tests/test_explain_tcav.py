@@ -1,0 +1,106 @@
+"""TCAV with statistics: Holm correction, a planted concept, calibration on random concepts, CNN layers."""
+
+import numpy as np
+import pytest
+import torch
+from test_explain_core import one_thread  # noqa: F401 (an autouse fixture)
+from torch import nn
+
+from cbm.backbones import FeatureBackbone
+from explain.tcav import embedding_gradients, holm, layer_activations, tcav, tcav_layer
+
+DIM = 16
+
+
+def test_holm_matches_the_step_down_procedure():
+    adjusted = holm([0.01, 0.04, 0.03, 0.005])
+    assert np.allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+    assert np.all(holm([0.5, 0.9]) <= 1.0)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A non-linear three-class head over a 16-d layer; class 0's logit grows along ``planted``."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, out = torch.randn(DIM, 16, generator=generator), torch.randn(16, 3, generator=generator)
+
+    def logits(a: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(a @ hidden) @ out
+
+    samples = torch.randn(60, DIM, generator=generator) + 0.5
+    gradients = {f"class {c}": embedding_gradients(logits, samples, c) for c in range(3)}
+    planted = gradients["class 0"].mean(0)
+    return {"gradients": gradients, "planted": planted / planted.norm()}
+
+
+def test_a_planted_concept_is_significant_and_a_random_one_is_not(head):
+    generator = torch.Generator().manual_seed(1)
+    concepts = {"planted": torch.randn(30, DIM, generator=generator) + 1.5 * head["planted"],
+                "random": torch.randn(30, DIM, generator=generator)}
+    report = tcav(head["gradients"], concepts, torch.randn(700, DIM, generator=generator))
+    planted = report.result("planted", "class 0")
+    assert planted.significant and planted.mean > 0.9 and planted.p_adjusted < 0.01
+    assert not any(r.significant for r in report.results if r.concept == "random")
+    assert len(planted.scores) == 10 and len(planted.random_scores) == 20 and planted.cav_accuracy > 0.6
+    assert report.to_dict()["correction"] == "holm" and report.plot().axes
+
+
+def test_random_directions_are_flagged_in_at_most_five_percent_of_draws(head):
+    """Each draw: a fresh random concept and random pool, tested against every class (Holm over them)."""
+    flagged, raw = [], []
+    for draw in range(100):
+        generator = torch.Generator().manual_seed(1000 + draw)
+        report = tcav(head["gradients"], {"random": torch.randn(30, DIM, generator=generator)},
+                      torch.randn(700, DIM, generator=generator), seed=draw)
+        flagged.append(any(r.significant for r in report.results))
+        raw += [r.p_value < 0.05 for r in report.results]
+    assert np.mean(flagged) <= 0.05
+    assert np.mean(raw) <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / len(raw))  # each unadjusted test is calibrated too
+
+
+def test_too_small_a_random_pool_is_refused(head):
+    with pytest.raises(ValueError, match="random examples"):
+        tcav(head["gradients"], {"x": torch.randn(30, DIM)}, torch.randn(100, DIM))
+
+
+def _images(n: int, generator: torch.Generator, red: bool) -> torch.Tensor:
+    """Noise images [n,3,16,16]; with ``red`` a bright red square at a random place."""
+    images = 0.3 * torch.rand(n, 3, 16, 16, generator=generator)
+    if red:
+        for i, (y, x) in enumerate(torch.randint(0, 10, (n, 2), generator=generator).tolist()):
+            images[i, 0, y:y + 6, x:x + 6] = 1.0
+    return images
+
+
+def test_tcav_at_a_cnn_layer_finds_the_concept_a_class_depends_on():
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    backbone = FeatureBackbone("test:cnn", cnn, transforms.Compose([transforms.Resize(16), transforms.ToTensor()]),
+                               device="cpu")
+    generator = torch.Generator().manual_seed(2)
+    red, plain = _images(40, generator, True), _images(40, generator, False)
+    features = backbone.encode_images(torch.cat([red, plain]))
+    labels = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    linear = nn.Linear(features.shape[1], 2)
+    optimiser = torch.optim.LBFGS(linear.parameters(), max_iter=100)
+
+    def step():
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(linear(features), labels)
+        loss.backward()
+        return loss
+
+    optimiser.step(step)
+    activations = layer_activations(backbone, "2", red[:4], pooling="mean")
+    assert activations.shape == (4, 8)
+    assert layer_activations(backbone, "2", red[:4]).shape == (4, 8 * 16 * 16)
+    report = tcav_layer(backbone, "2", linear, ["red square", "plain"], {"red square": red},
+                        {"red": _images(24, generator, True)}, _images(24 * 22, generator, False), runs=6,
+                        random_concepts=20, pooling="mean")
+    result = report.result("red", "red square")
+    assert result.significant and result.mean > 0.9
+    with pytest.raises(ValueError, match="not a module"):
+        layer_activations(backbone, "nope", red[:2])
