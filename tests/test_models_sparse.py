@@ -76,7 +76,7 @@ def test_l1_loss_is_lambda_over_k(world):
     model = SparseCBM(world["bank"], loss="l1", l1_lambda=0.5)
     layer = torch.nn.Linear(K, K, bias=False)
     assert float(model._cbl_loss(torch.zeros(2, K), torch.zeros(2, K), layer).detach()) == pytest.approx(
-        float(0.5 / K * layer.weight.abs().sum()))
+        float(0.5 / K * layer.weight.detach().abs().sum()))
 
 
 def test_sparsity_report(world, fitted):
