@@ -9,7 +9,7 @@ with ablations on train and the shifted split, concept quality, leakage, figures
 Prints the time per section and the share spent in plotting.
 
     PYTHONPATH=. python benchmarks/bench_audit.py [--samples 10000] [--concepts 200] [--classes 10] [--dim 512]
-        [--threads 2] [--out /tmp/bench-audit]
+        [--threads 1] [--out /tmp/bench-audit]
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=200)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on shared or busy cores more threads oversubscribe)")
     parser.add_argument("--out", default=None, help="where to write the report (default: a temporary folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

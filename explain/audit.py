@@ -65,7 +65,16 @@ def _posthoc_extra(model: ConceptBottleneckModel, view: ModelView) -> dict[str, 
     return extra
 
 
+def _energy_extra(model: ConceptBottleneckModel, view: ModelView) -> dict[str, Any]:
+    """Energy CBM: the concepts the global energy finds most probable for each class, p(c | y)."""
+    probabilities = model.conditionals()["p_c_given_y"]
+    return {"most_probable_concepts_per_class": {
+        name: {view.concept_names[k]: float(row[k]) for k in torch.as_tensor(row).argsort(descending=True)[:3].tolist()}
+        for name, row in zip(view.class_names, probabilities)}}
+
+
 register_family_extra("posthoc", _posthoc_extra)
+register_family_extra("energy", _energy_extra)
 
 
 # ---------------------------------------------------------------------------------------------- numbers

@@ -90,7 +90,7 @@ def test_batch_index_and_stability(audited, tmp_path):
     x, y, _, _ = world["train"]
     models = {"seed0": audited["model"], "seed1": PosthocCBM(world["bank"], c=0.5, max_iter=400, seed=1).fit(x, y)}
     batch = explain.audit_many(models, {"test": world["test"]}, tmp_path, train=world["train"], seeds=(0,),
-                               max_samples=200, competences=(1.0,), progress=False, gates={"accuracy": 0.0})
+                               max_samples=200, competences=(1.0,), examples=1, progress=False, gates={"accuracy": 0.0})
     assert not batch.failures and len(batch.reports) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["model"] for r in summary["rows"]] == ["seed0", "seed1"]
@@ -121,19 +121,23 @@ def tiny_bundle(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("bound, status", [("0.0", 0), ("1.01", 1)])
-def test_cbm_audit_command_gates_the_exit_code(tiny_bundle, tmp_path, capsys, bound, status):
+def test_cbm_audit_command_gates_the_exit_code(tiny_bundle, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="cbm")
     add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["audit", str(tiny_bundle / "model.cbm"), "--data", "explainsquares:x@test",
-                              "--shift", "explainsquares:x@val", "--out", str(tmp_path), "--seeds", "1",
-                              "--competence", "1.0", "--fail-under", f"accuracy={bound}", "--cache-dir", str(tiny_bundle / "cache"), "--quiet"])
-    assert args.run(args) == status
+    common = [str(tiny_bundle / "model.cbm"), "--data", "explainsquares:x@test", "--out", str(tmp_path),
+              "--cache-dir", str(tiny_bundle / "cache"), "--quiet"]
+    args = parser.parse_args(["audit", *common, "--shift", "explainsquares:x@val", "--seeds", "1", "--competence",
+                              "1.0", "--fail-under", "accuracy=1.01", "--fail-under", "concept_auc=0.0"])
+    assert args.run(args) == 1
     out = capsys.readouterr().out
-    assert ("gates FAILED" in out) == (status == 1)
-    assert (tmp_path / "model__explainsquares_x_test" / "report.html").exists()
+    assert "gates FAILED" in out and "accuracy = " in out and "concept_auc" not in out.split("gates FAILED")[1]
     report = json.loads((tmp_path / "model__explainsquares_x_test" / "report.json").read_text())
     assert report["samples"][0]["thumbnail"].startswith("data:image/png;base64,")
+    assert report["summary"]["shift_accuracy"] is not None
+    assert (tmp_path / "index.html").exists() and (tmp_path / "summary.json").exists()
+    bad = parser.parse_args(["audit", *common, "--fail-under", "accuracy"])
+    with pytest.raises(ValueError, match="METRIC=VALUE"):
+        bad.run(bad)
 
 
 def _page_requests(netlog: Path) -> list[str]:

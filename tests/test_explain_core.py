@@ -10,6 +10,7 @@ import explain
 from cbm.models import PosthocCBM
 from cbm.models.base import ConceptBottleneckModel
 from concepts.bank import ConceptBank
+from explain.audit import FAMILY_EXTRAS
 from explain.core import ModelView, as_data
 from explain.metrics import ablation_drop
 
@@ -160,6 +161,8 @@ def test_oracle_curve_lies_on_or_above_random_for_every_family(world, family):
         assert np.all(oracle >= random - 1e-9), (family, competence, oracle, random)
         assert np.all(np.diff(oracle) >= -1e-9)  # the oracle may stop: never worse with more concepts
     assert curves.curve("oracle")[-1] >= curves.curve("oracle")[0]
+    if family in FAMILY_EXTRAS:  # the family's own section of the model card
+        assert FAMILY_EXTRAS[family](model, ModelView(model, as_data(world["val"])))
 
 
 def test_curves_export_csv_json_and_intervals(world, tmp_path):

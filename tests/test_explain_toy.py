@@ -13,7 +13,7 @@ from cbm.models import PosthocCBM
 
 pytestmark = pytest.mark.skipif(not all(path.is_dir() for path in TOY_SPECS.values()),
                                 reason="the shipped toy models are missing (python -m cbm.toymodels.train)")
-SIZES = {"train": 1500, "val": 300, "test": 600}
+SIZES = {"train": 800, "val": 200, "test": 400}
 BACKGROUNDS = {f"{value} background" for value in SPURIOUS_BACKGROUND.values()}
 
 
@@ -23,15 +23,26 @@ def toy_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spurious(toy_cache):
-    clip = load_backbone("toy:clip", device="cpu")
-    splits = toy_embeddings(clip, "toy:spurious", sizes=SIZES, cache_dir=toy_cache, progress=False)
-    model = PosthocCBM(toy_text_bank(clip)).fit(splits["train"], validation=splits["val"],
-                                                concept_labels=splits["train"].concept_labels)
-    return {"clip": clip, "splits": splits, "model": model}
+def fitted(toy_cache):
+    """Per backbone spec (built on first use): the backbone, its toy:spurious embeddings and a PCBM
+    (toy:clip: the world's text concepts; toy:cnn: CAVs from the concept labels)."""
+    cache = {}
+
+    def get(spec: str) -> dict:
+        if spec not in cache:
+            backbone = load_backbone(spec, device="cpu")
+            splits = toy_embeddings(backbone, "toy:spurious", sizes=SIZES, cache_dir=toy_cache, progress=False)
+            bank = toy_text_bank(backbone) if spec == "toy:clip" else label_cav_bank(splits["train"])
+            model = PosthocCBM(bank).fit(splits["train"], validation=splits["val"],
+                                         concept_labels=splits["train"].concept_labels)
+            cache[spec] = {"backbone": backbone, "splits": splits, "model": model}
+        return cache[spec]
+
+    return get
 
 
-def test_audit_ranks_the_planted_backgrounds_among_the_top_suspects(spurious, tmp_path):
+def test_audit_ranks_the_planted_backgrounds_among_the_top_suspects(fitted, tmp_path):
+    spurious = fitted("toy:clip")
     splits = spurious["splits"]
     images = load_dataset("toy:spurious@test", n=SIZES["test"])
     report = explain.audit(spurious["model"], splits["test"], name="pcbm", data_name="toy:spurious@test",
@@ -41,17 +52,17 @@ def test_audit_ranks_the_planted_backgrounds_among_the_top_suspects(spurious, tm
     assert top[0] in BACKGROUNDS and len(BACKGROUNDS & set(top)) >= 2, report.data["suspects"][:5]
     assert report.data["samples"][0]["thumbnail"].startswith("data:image/png")
     # the same verdict from the world's exact plausibility instead of the labels of the shifted split
-    exact = explain.audit(spurious["model"], splits["test"], plausibility=class_concept_matrix(), seeds=(0,),
-                          competences=(1.0,), max_samples=200, progress=False)
-    assert exact.data["suspects"][0]["concept"] in BACKGROUNDS
+    view = explain.ModelView(spurious["model"], explain.as_data(splits["test"]))
+    exact = explain.suspect_concepts(explain.concept_effects(view), view.class_names, view.concept_names,
+                                     plausibility=class_concept_matrix())
+    assert exact[0]["concept"] in BACKGROUNDS
 
 
-def _tcav_inputs(backbone, concept: str, target: str, n: int = 30):
-    """Preprocessed images: the target class's test images, images showing ``concept`` from other
-    classes, and random images (no restriction) from another split."""
-    data = load_dataset("toy:images@val", n=1500)
-    names = data.concept_names
-    has = data.concept_labels[:, names.index(concept)] > 0.5
+def _tcav_inputs(backbone, concept: str, target: str, n: int = 20):
+    """Preprocessed images: the target class's images, images showing ``concept`` from other classes,
+    and random images (no restriction), all from a split the model never saw."""
+    data = load_dataset("toy:images@val", n=1000)
+    has = data.concept_labels[:, data.concept_names.index(concept)] > 0.5
     target_index = CLASS_NAMES.index(target)
 
     def batch(indices):
@@ -59,15 +70,14 @@ def _tcav_inputs(backbone, concept: str, target: str, n: int = 30):
 
     class_rows = [i for i in range(len(data)) if data.labels[i] == target_index][:n]
     concept_rows = [i for i in range(len(data)) if has[i] and data.labels[i] != target_index][:n]
-    random_rows = [i for i in range(len(data)) if i not in set(class_rows) | set(concept_rows)][:n * 22]
+    taken = set(class_rows) | set(concept_rows)
+    random_rows = [i for i in range(len(data)) if i not in taken][:n * 22]
     return {target: batch(class_rows)}, {concept: batch(concept_rows)}, batch(random_rows)
 
 
 @pytest.mark.parametrize("spec, layer", [("toy:cnn", "features.9"), ("toy:clip", "visual.layer3")])
-def test_tcav_finds_a_planted_concept_at_a_backbone_layer(spec, layer, toy_cache):
-    backbone = load_backbone(spec, device="cpu")
-    splits = toy_embeddings(backbone, "toy:images", sizes=SIZES, cache_dir=toy_cache, progress=False)
-    model = PosthocCBM(label_cav_bank(splits["train"])).fit(splits["train"], validation=splits["val"])
+def test_tcav_finds_a_planted_concept_at_a_backbone_layer(spec, layer, fitted):
+    backbone, model = fitted(spec)["backbone"], fitted(spec)["model"]
     classes, concepts, random = _tcav_inputs(backbone, "red", "tomato")
     report = explain.tcav_layer(backbone, layer, model, model.class_names, classes, concepts, random,
                                 pooling="mean", runs=8)
