@@ -689,11 +689,13 @@ class EnergyCBM(ConceptBottleneckModel):
     def propagate(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any], *,
                   before: Inference | None = None) -> Propagation:
         """Fix concepts (``{name: value}`` or ``(mask, values)``, values in [0, 1]), re-optimise the other
-        concepts and the class under ``intervention_weights`` starting from the first inference, and
-        report how they moved. Pass ``before`` (an ``infer`` result for the same x) to skip re-running it."""
+        concepts and the class under ``intervention_weights`` starting from the inference without the
+        intervention under the same weights (so every move is due to the intervention), and report how
+        they moved. Pass ``before`` (an ``infer(x, weights=model.intervention_weights)`` result for
+        the same x) to skip re-running it."""
         features = self._features(x)
         mask, given = self._intervention_mask(len(features), values)
-        before = before if before is not None else self.infer(features)
+        before = before if before is not None else self.infer(features, weights=self.intervention_weights)
         after = self.infer(features, mask, given, weights=self.intervention_weights, init=before)
         return Propagation(mask, before.concept_probs, after.concept_probs, before.logits, after.logits,
                            list(self.concept_names_), list(self.class_names_))
