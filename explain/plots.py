@@ -3,12 +3,11 @@
 Every function returns a :class:`matplotlib.figure.Figure` made without pyplot (no global figure
 registry, no GUI backend, safe in Streamlit and threads): the audit report embeds them, the
 concept editor shows them with ``st.pyplot(fig)``, and users can ``fig.savefig(...)``.
-``to_svg`` / ``to_png_base64`` turn a figure into something an HTML page can inline.
+``to_svg`` turns a figure into an ``<svg>`` element an HTML page can inline.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+from explain.core import ci95
 
 if TYPE_CHECKING:
     from explain.explanations import Importance, SampleExplanation
@@ -38,13 +39,6 @@ def to_svg(fig: Figure) -> str:
                                                                          "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]
-
-
-def to_png_base64(fig: Figure, dpi: int = 110) -> str:
-    """The figure as a ``data:image/png;base64,...`` URI."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
@@ -116,7 +110,6 @@ def intervention_figure(curves: InterventionCurves) -> Figure:
     """Accuracy against concepts corrected, one line per policy (dashed: imperfect experts), 95% bands."""
     fig = Figure(figsize=(6, 3.8))
     ax = fig.add_subplot()
-    from explain.core import ci95
     for (policy, competence), values in curves.accuracy.items():
         mean, low, high = ci95(values)
         style = "-" if competence == 1.0 else (0, (4, 2)) if competence >= 0.75 else ":"
