@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
   cbm audit pcbm.cbm --data toy:images@test --out audit/
-  cbm audit pcbm.cbm pcbm-h.cbm --data toy:spurious@test --train toy:spurious@train --shift toy:spurious@val \\
+  cbm audit pcbm.cbm pcbm-h.cbm --data toy:spurious@val --train toy:spurious@train --shift toy:spurious@test \\
       --out audit/ --fail-under accuracy=0.8 --fail-under concept_auc=0.7
 
 gate metrics (--fail-under METRIC=VALUE, repeatable): accuracy, balanced_accuracy, min_class_accuracy,
