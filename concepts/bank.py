@@ -110,7 +110,8 @@ class ConceptBank:
         if kind == "text":
             if intercepts.abs().max() > 0:
                 raise ValueError("text banks have zero intercepts.")
-            vectors = torch.nn.functional.normalize(vectors, dim=1)
+            if (norms - 1).abs().max() > 1e-6:  # keep already-unit vectors bit for bit (bundle round trips)
+                vectors = torch.nn.functional.normalize(vectors, dim=1)
         self.names = names
         self.vectors = vectors
         self.intercepts = intercepts

@@ -884,12 +884,7 @@ class EnergyCBM(ConceptBottleneckModel):
             edited.link_value_[row, column] = value if action == "set_value" else float(self.concept_prior_[column])
         record = EditRecord(action=action, concept=concept, classes=names, reason=reason,
                             details={"previous": previous, "value": value, "column": column})
-        if validation is not None:
-            val_x, val_y = (validation.features, validation.labels) if isinstance(validation, Embeddings) else validation
-            record.before = {"val_accuracy": self.score(val_x, val_y)}
-            record.after = {"val_accuracy": edited.score(val_x, val_y)}
-        edited.edits_ = [*self.edits_, record]
-        return edited, record
+        return self._record_edit(edited, record, validation)
 
     def undo(self) -> EnergyCBM:
         """A copy with the most recent edit reverted (its record removed from the history)."""

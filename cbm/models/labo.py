@@ -43,8 +43,9 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, split_validation)
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
+                             accuracy, as_labels, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
+                             prepare_validation, split_validation)
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -53,112 +54,11 @@ FEW_SHOTS: tuple[int | str, ...] = (1, 2, 4, 8, 16, "all")
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared by LaBo and Sparse-CBM: a linear head ``weight_`` [C, K] with global edits and undo
-# ---------------------------------------------------------------------------------------------
-
-
-class HeadEditsMixin:
-    """Global edits of a class x concept head ``weight_`` (prune, prune and renormalise, set) with undo."""
-
-    def edit(self, action: Literal["prune", "prune_normalize", "set_weight"], concept: str,
-             classes: str | list[str] | None = None, *, value: float = 0.0, validation: Validation = None,
-             reason: str = "") -> tuple[Any, EditRecord]:
-        """A globally edited copy and the record of the edit.
-
-        ``prune`` zeroes the concept's weight for ``classes`` (all when None); ``prune_normalize``
-        also rescales each edited row so its L1 norm is kept (for LaBo: the row stays a convex
-        combination); ``set_weight`` sets it to ``value``. With ``validation`` data the record
-        holds validation accuracy before and after.
-        """
-        self._check_fitted()
-        if action not in ("prune", "prune_normalize", "set_weight"):
-            raise ValueError(f"unknown edit {action!r}; use 'prune', 'prune_normalize' or 'set_weight'.")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"the weight must be a finite number, got {value!r}.")
-        column = self.concept_index(concept)
-        names = self.class_names_ if classes is None else ([classes] if isinstance(classes, str) else list(classes))
-        rows = [self.class_index(name) for name in names]
-        edited = self.copy()
-        previous = {self.class_names_[r]: self.weight_[r].tolist() for r in rows}
-        for row in rows:
-            weights = edited.weight_[row]
-            old_norm = float(weights.abs().sum())
-            weights[column] = value if action == "set_weight" else 0.0
-            if action == "prune_normalize":
-                new_norm = float(weights.abs().sum())
-                if new_norm > 0:
-                    weights *= old_norm / new_norm
-        record = EditRecord(action=action, concept=concept, classes=names, reason=reason,
-                            details={"previous_rows": previous, "value": value})
-        if validation is not None:
-            val_x, val_y = (validation.features, validation.labels) if isinstance(validation, Embeddings) else validation
-            record.before = {"val_accuracy": self.score(val_x, val_y)}
-            record.after = {"val_accuracy": edited.score(val_x, val_y)}
-        edited.edits_ = [*self.edits_, record]
-        return edited, record
-
-    def undo(self) -> Any:
-        """A copy with the most recent edit reverted (its record removed from the history)."""
-        self._check_fitted()
-        if not self.edits_:
-            raise ValueError("this model has no edits to undo.")
-        reverted = self.copy()
-        last = reverted.edits_.pop()
-        for name, row in last.details["previous_rows"].items():
-            reverted.weight_[self.class_index(name)] = torch.tensor(row, dtype=torch.float32)
-        return reverted
-
-    def top_concepts(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """The ``k`` largest-magnitude concept weights of every class (non-zero ones only)."""
-        self._check_fitted()
-        result = {}
-        for row, name in zip(self.weight_, self.class_names_):
-            order = row.abs().argsort(descending=True)[:k]
-            result[name] = [(self.concept_names_[i], float(row[i])) for i in order.tolist() if row[i] != 0]
-        return result
-
-    def concept_reference(self, name: str, which: str) -> float:
-        """"high"/"low": the 95th/5th percentile of the concept's training activations."""
-        column = self.concept_index(name)
-        if which not in ("high", "low"):
-            raise ValueError(f"reference value must be 'high' or 'low', got {which!r}.")
-        return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
-
-
-def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    for name, shape in expected.items():
-        if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r} must have shape {tuple(shape)}")
-        if not torch.isfinite(tensors[name].float()).all():
-            raise ValueError(f"tensor {name!r} holds NaN or infinite values")
-
-
-def labels_of(x: Any, y: Any) -> Any:
-    if y is None and isinstance(x, Embeddings):
-        y = x.labels
-    if y is None:
-        raise ValueError("y is required (or pass an Embeddings with labels as x).")
-    return y
-
-
-def prepare_validation(model: ConceptBottleneckModel, features: torch.Tensor, labels: torch.Tensor,
-                       validation: Validation, seed: int, bank: ConceptBank):
-    """Train/validation tensors: the given validation data (checked) or a seeded 10% of train."""
-    if isinstance(validation, Embeddings):
-        bank.check_features(validation.features, validation.backbone_fingerprint)
-    train_x, train_y, val_x, val_y, source = split_validation(features, labels, validation, seed)
-    val_x = as_matrix(val_x, "validation x", model.n_features_in_)
-    val_y = as_labels(val_y, len(val_x), len(model.class_names_), "validation y")
-    return train_x, train_y, val_x, val_y, source
-
-
-# ---------------------------------------------------------------------------------------------
 # LaBo
 # ---------------------------------------------------------------------------------------------
 
 
-class LaBoCBM(HeadEditsMixin, ConceptBottleneckModel):
+class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
     """LaBo over a text concept bank; see the module docstring.
 
     Parameters

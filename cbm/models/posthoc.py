@@ -24,14 +24,14 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, split_validation)
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_labels,
+                             as_matrix, bank_from_state, bank_state, labels_of, prepare_validation)
 from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
 
-class PosthocCBM(ConceptBottleneckModel):
+class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
     """Post-hoc CBM over a concept bank; ``hybrid=True`` gives PCBM-h.
 
     Parameters
@@ -96,24 +96,9 @@ class PosthocCBM(ConceptBottleneckModel):
             return torch.zeros(len(features), len(self.class_names_))
         return features @ self.residual_weight_.T + self.residual_bias_
 
-    def top_concepts(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """The ``k`` largest-magnitude concept weights of every class."""
-        result = {}
-        for row, name in zip(self.weight_, self.class_names_):
-            order = row.abs().argsort(descending=True)[:k]
-            result[name] = [(self.concept_names_[i], float(row[i])) for i in order if row[i] != 0]
-        return result
-
     def sparsity(self) -> dict[str, int]:
         """Non-zero concept weights per class."""
         return {name: int((row != 0).sum()) for name, row in zip(self.class_names_, self.weight_)}
-
-    def concept_reference(self, name: str, which: str) -> float:
-        """"high"/"low": the concept's typical score when present/absent (see ``fit``)."""
-        column = self.concept_index(name)
-        if which not in ("high", "low"):
-            raise ValueError(f"reference value must be 'high' or 'low', got {which!r}.")
-        return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
 
     # ------------------------------------------------------------------ fitting
     def fit(self, x: Any, y: Any = None, *, validation: Validation = None, class_names: list[str] | None = None,
@@ -124,10 +109,7 @@ class PosthocCBM(ConceptBottleneckModel):
         intervention reference values "high"/"low" become the mean training score of the samples
         with and without each concept.
         """
-        if y is None and isinstance(x, Embeddings):
-            y = x.labels
-        if y is None:
-            raise ValueError("y is required (or pass an Embeddings with labels as x).")
+        y = labels_of(x, y)
         fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
         features = as_matrix(x, "x")
         self.bank.check_features(features, fingerprint)
@@ -137,12 +119,9 @@ class PosthocCBM(ConceptBottleneckModel):
         self.concept_names_ = list(self.bank.names)
         self.n_features_in_ = features.shape[1]
         n_classes = len(self.class_names_)
-        if isinstance(validation, Embeddings):
-            self.bank.check_features(validation.features, validation.backbone_fingerprint)
         references = self._references(features, concept_labels)
-        train_x, train_y, val_x, val_y, val_source = split_validation(features, labels, validation, self.seed)
-        val_x = as_matrix(val_x, "validation x", self.n_features_in_)
-        val_y = as_labels(val_y, len(val_x), n_classes, "validation y")
+        train_x, train_y, val_x, val_y, val_source = prepare_validation(self, features, labels, validation, self.seed,
+                                                                        self.bank)
 
         device = resolve_device(self.device)
         train_s, val_s = self._margins(train_x).to(device), self._margins(val_x).to(device)
@@ -233,52 +212,6 @@ class PosthocCBM(ConceptBottleneckModel):
                     break
         self.residual_weight_, self.residual_bias_ = best[1].cpu(), best[2].cpu()
         self.residual_epochs_ = best[3]
-
-    # ------------------------------------------------------------------ global edits
-    def edit(self, action: Literal["prune", "prune_normalize", "set_weight"], concept: str,
-             classes: str | list[str] | None = None, *, value: float = 0.0, validation: Validation = None,
-             reason: str = "") -> tuple[PosthocCBM, EditRecord]:
-        """A globally edited copy and the record of the edit.
-
-        ``prune`` zeroes the concept's weight for ``classes`` (all when None); ``prune_normalize``
-        also rescales each edited row so its L1 norm is kept; ``set_weight`` sets it to ``value``.
-        With ``validation`` data the record holds accuracy before and after.
-        """
-        self._check_fitted()
-        if action not in ("prune", "prune_normalize", "set_weight"):
-            raise ValueError(f"unknown edit {action!r}; use 'prune', 'prune_normalize' or 'set_weight'.")
-        column = self.concept_index(concept)
-        names = self.class_names_ if classes is None else ([classes] if isinstance(classes, str) else list(classes))
-        rows = [self.class_index(name) for name in names]
-        edited = self.copy()
-        previous = {self.class_names_[r]: self.weight_[r].tolist() for r in rows}
-        for row in rows:
-            weights = edited.weight_[row]
-            old_norm = float(weights.abs().sum())
-            weights[column] = value if action == "set_weight" else 0.0
-            if action == "prune_normalize":
-                new_norm = float(weights.abs().sum())
-                if new_norm > 0:
-                    weights *= old_norm / new_norm
-        record = EditRecord(action=action, concept=concept, classes=names, reason=reason,
-                            details={"previous_rows": previous, "value": value})
-        if validation is not None:
-            val_x, val_y = (validation.features, validation.labels) if isinstance(validation, Embeddings) else validation
-            record.before = {"val_accuracy": self.score(val_x, val_y)}
-            record.after = {"val_accuracy": edited.score(val_x, val_y)}
-        edited.edits_ = [*self.edits_, record]
-        return edited, record
-
-    def undo(self) -> PosthocCBM:
-        """A copy with the most recent edit reverted (its record removed from the history)."""
-        self._check_fitted()
-        if not self.edits_:
-            raise ValueError("this model has no edits to undo.")
-        reverted = self.copy()
-        last = reverted.edits_.pop()
-        for name, row in last.details["previous_rows"].items():
-            reverted.weight_[self.class_index(name)] = torch.tensor(row)
-        return reverted
 
     # ------------------------------------------------------------------ bundles
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

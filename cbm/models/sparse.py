@@ -43,9 +43,9 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, Validation, _restore_common, accuracy, as_labels, as_matrix,
-                             bank_from_state, bank_state)
-from cbm.models.labo import HeadEditsMixin, check_tensors, labels_of, prepare_validation
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
+                             accuracy, as_labels, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
+                             prepare_validation)
 from concepts.bank import DEFAULT_TEMPLATES, ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def top_share(activations: torch.Tensor, k: int = 5) -> dict[str, float]:
             "uniform_share": k / activations.shape[1]}
 
 
-class SparseCBM(HeadEditsMixin, ConceptBottleneckModel):
+class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
     """Sparse-CBM / Contrastive-CBM / l1-CBM over a text concept bank; see the module docstring.
 
     Parameters
