@@ -30,7 +30,11 @@ datasets:  folder:PATH, manifest:FILE.csv|.jsonl, cifar10:ROOT@split, cifar100:R
 FIT_EPILOG = """examples:
   cbm fit posthoc --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --out pcbm.cbm
   cbm fit posthoc --backbone toy:cnn --data toy:images@train --concepts labels --hybrid --out pcbm-h.cbm
-  cbm fit posthoc --backbone openclip:RN50@openai --data cifar10:/data/cifar@train --concepts bank/ --out c10.cbm"""
+  cbm fit posthoc --backbone openclip:RN50@openai --data cifar10:/data/cifar@train --concepts bank/ --out c10.cbm
+  cbm fit labo --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --shots 1 --out labo.cbm
+  cbm fit sparse --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --out sparse.cbm
+  cbm fit energy --backbone toy:cnn --data toy:images@train --val toy:images@val --concepts labels --out ecbm.cbm
+  cbm fit temporal --backbone toy:clip --data toy:videos@train --val toy:videos@val --concepts toy --out motif.cbm"""
 
 
 def _directory_size(path: Path) -> int:
@@ -140,7 +144,8 @@ def _embed_for(backbone_spec: str, data: str, args: argparse.Namespace, fingerpr
     if fingerprint and backbone.fingerprint != fingerprint:
         raise ValueError(f"the backbone {backbone_spec} loaded here differs from the one the model was fitted on "
                          "(weights or preprocessing changed); refit the model or restore those weights.")
-    dataset = load_dataset(data, on_error=getattr(args, "on_error", None))
+    dataset = load_dataset(data, on_error=getattr(args, "on_error", None), window=getattr(args, "window", None),
+                           frames_per_window=getattr(args, "frames_per_window", None))
     return backbone, embed(backbone, dataset, cache_dir=args.cache_dir, batch_size=getattr(args, "batch_size", 64))
 
 
@@ -162,23 +167,90 @@ def _bank_for(source: str, backbone, train):
     return ConceptBank.load(source)
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a concept bottleneck model on embeddings of a dataset and save it as a bundle."""
+def _fit_posthoc(args: argparse.Namespace, bank, train, validation):
     from cbm.models import PosthocCBM
 
+    lam = args.lam if args.lam in ("rule", "path") else float(args.lam)
+    model = PosthocCBM(bank, lam=lam, c=args.c, hybrid=args.hybrid, seed=args.seed)
+    model.fit(train, validation=validation, concept_labels=train.concept_labels if args.concepts != "labels" else None)
+    return model, (f"{'PCBM-h' if args.hybrid else 'PCBM'} on {len(train)} samples: validation accuracy "
+                   f"{model.metrics_['val_accuracy']:.3f}, {model.metrics_['nonzero_weights']} non-zero concept "
+                   f"weights (lam {model.lam_:.3g})")
+
+
+def _require_text_bank(args: argparse.Namespace, bank) -> None:
+    if bank.kind != "text":
+        raise ValueError(f"cbm fit {args.family} needs a text concept bank (--concepts toy or a folder written by "
+                         "`cbm concepts select`); CAVs (--concepts labels) are for posthoc.")
+
+
+def _fit_labo(args: argparse.Namespace, bank, train, validation):
+    from cbm.demo import toy_language_prior
+    from cbm.models import LaBoCBM, few_shot
+
+    _require_text_bank(args, bank)
+    shots = args.shots if args.shots == "all" else int(args.shots)
+    subset = few_shot(train, shots, seed=args.seed)
+    options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    prior = toy_language_prior() if args.concepts == "toy" else None
+    model = LaBoCBM(bank, prior=prior, normalize=not args.raw_features, seed=args.seed, **options)
+    model.fit(subset, validation=validation)
+    return model, (f"LaBo on {len(subset)} samples ({args.shots} shots per class): validation accuracy "
+                   f"{model.metrics_['val_accuracy']:.3f} (language prior alone "
+                   f"{model.metrics_['prior_val_accuracy']:.3f}), best epoch {model.training_['best_epoch']}")
+
+
+def _fit_sparse(args: argparse.Namespace, bank, train, validation):
+    from cbm.models import SparseCBM
+
+    _require_text_bank(args, bank)
+    options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    model = SparseCBM(bank, loss=args.loss, seed=args.seed, **options).fit(train, validation=validation)
+    return model, (f"Sparse-CBM ({args.loss}) on {len(train)} samples: validation accuracy "
+                   f"{model.metrics_['val_accuracy']:.3f}, top-5 share of concept activation mass "
+                   f"{model.metrics_['val_top5_abs_share']:.3f} (uniform {model.metrics_['val_uniform_share']:.3f})")
+
+
+def _fit_energy(args: argparse.Namespace, bank, train, validation):
+    from cbm.models import EnergyCBM
+
+    if args.concepts == "labels" and train.concept_labels is None:
+        raise ValueError("this dataset has no concept labels; give --concepts BANK_FOLDER (or toy) for pseudo-labels.")
+    options = {"max_epochs": args.epochs} if args.epochs else {}
+    model = EnergyCBM(hidden=args.hidden, loss_weights=tuple(args.loss_weights), seed=args.seed,
+                      bank=None if args.concepts == "labels" else bank, **options)
+    model.fit(train, validation=validation)
+    return model, (f"ECBM on {len(train)} samples ({model.training_['concepts']['source']}): validation accuracy "
+                   f"{model.metrics_['val_accuracy']:.3f}, concept accuracy {model.metrics_['val_concept_accuracy']:.3f}")
+
+
+def _fit_temporal(args: argparse.Namespace, bank, train, validation):
+    from cbm.models import TemporalCBM
+
+    _require_text_bank(args, bank)
+    if "window_video" not in train.meta:
+        raise ValueError(f"cbm fit temporal needs a video dataset (toy:videos@train, videos:PATH), not {args.data}.")
+    options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    model = TemporalCBM(bank, attention=args.attention, seed=args.seed, **options).fit(train, validation=validation)
+    return model, (f"MoTIF temporal CBM on {model.training_['videos']} videos ({model.training_['windows']} windows): "
+                   f"validation accuracy {model.metrics_['val_accuracy']:.3f} (epoch {model.training_['best_epoch']})")
+
+
+FIT_FAMILIES = {"posthoc": _fit_posthoc, "labo": _fit_labo, "sparse": _fit_sparse, "energy": _fit_energy,
+                "temporal": _fit_temporal}
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Fit a concept bottleneck model on embeddings of a dataset and save it as a bundle."""
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it.")
     backbone, train = _embed_for(args.backbone, args.data, args)
     validation = _embed_for(args.backbone, args.val, args)[1] if args.val else None
     bank = _bank_for(args.concepts, backbone, train)
-    lam = args.lam if args.lam in ("rule", "path") else float(args.lam)
-    model = PosthocCBM(bank, lam=lam, c=args.c, hybrid=args.hybrid, seed=args.seed)
-    model.fit(train, validation=validation, concept_labels=train.concept_labels if args.concepts != "labels" else None)
+    model, summary = FIT_FAMILIES[args.family](args, bank, train, validation)
     model.save(out)
-    print(f"fitted {'PCBM-h' if args.hybrid else 'PCBM'} on {len(train)} samples: validation accuracy "
-          f"{model.metrics_['val_accuracy']:.3f}, {model.metrics_['nonzero_weights']} non-zero concept weights "
-          f"(lam {model.lam_:.3g}); saved {out}")
+    print(f"fitted {summary}; saved {out}")
     return 0
 
 
@@ -323,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a concept bottleneck model and save it", description=cmd_fit.__doc__,
                               epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("family", choices=["posthoc"], help="model family")
+    fit.add_argument("family", choices=sorted(FIT_FAMILIES), help="model family")
     fit.add_argument("--backbone", required=True, help="backbone spec, e.g. toy:clip")
     fit.add_argument("--data", required=True, help="training dataset spec, e.g. toy:images@train")
     fit.add_argument("--val", help="validation dataset spec (default: hold out 10%% of the training data)")
@@ -331,11 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a concept bank folder; 'labels' for CAVs from the data's concept labels; "
                           "'toy' for the toy world's vocabulary as a text bank")
     fit.add_argument("--out", required=True, help="the model bundle to write (e.g. model.cbm)")
-    fit.add_argument("--hybrid", action="store_true", help="PCBM-h: add a residual on the embedding")
-    fit.add_argument("--lam", default="rule", help="'rule' (c / (classes x concepts)), 'path' (chosen on "
-                                                    "validation) or a number (default: rule)")
-    fit.add_argument("--c", type=float, default=2.0, help="constant of the lambda rule (default 2)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--window", type=int, help="video datasets: frames per window")
+    fit.add_argument("--frames-per-window", type=int, help="video datasets: frames sampled (and averaged) per window")
+    posthoc = fit.add_argument_group("posthoc")
+    posthoc.add_argument("--hybrid", action="store_true", help="PCBM-h: add a residual on the embedding")
+    posthoc.add_argument("--lam", default="rule", help="'rule' (c / (classes x concepts)), 'path' (chosen on "
+                                                        "validation) or a number (default: rule)")
+    posthoc.add_argument("--c", type=float, default=2.0, help="constant of the lambda rule (default 2)")
+    trained = fit.add_argument_group("labo, sparse, energy, temporal")
+    trained.add_argument("--epochs", type=int, help="most training epochs (each family keeps its best validation "
+                                                    "epoch and stops early)")
+    trained.add_argument("--lr", type=float, help="learning rate (labo 0.05, sparse 1e-3, temporal 1e-2)")
+    trained.add_argument("--shots", default="all", help="labo: N training samples per class drawn with --seed "
+                                                        "(1, 2, 4, 8, 16 or all); validation stays full")
+    trained.add_argument("--raw-features", action="store_true",
+                         help="labo: the paper's raw (unnormalised) features x100; needs --lr 1e-4 and thousands of "
+                              "--epochs")
+    trained.add_argument("--loss", choices=["gumbel", "contrastive", "l1"], default="gumbel",
+                         help="sparse: the bottleneck layer's loss (default gumbel, the paper's)")
+    trained.add_argument("--hidden", type=int, default=256, help="energy: width of the energy networks")
+    trained.add_argument("--loss-weights", type=float, nargs=3, default=[3.0, 1.0, 1.0],
+                         metavar=("CLASS", "CONCEPT", "GLOBAL"), help="energy: weights of the three losses")
+    trained.add_argument("--attention", choices=["per_concept", "mixing"], default="per_concept",
+                         help="temporal: attention over time per concept (MoTIF) or mixing concepts")
     fit.add_argument("--force", action="store_true", help="replace --out if it exists")
     fit.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     fit.set_defaults(run=cmd_fit)

@@ -53,6 +53,14 @@ def toy_text_bank(backbone: Backbone) -> ConceptBank:
                                    "encoder": backbone.spec})
 
 
+def toy_language_prior(threshold: float = 0.5) -> dict[str, list[str]]:
+    """The toy world's class -> concepts language prior: the concepts a class has with probability >= threshold."""
+    from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
+
+    matrix = class_concept_matrix()
+    return {name: [CONCEPTS[k] for k in np.flatnonzero(matrix[c] >= threshold)] for c, name in enumerate(CLASS_NAMES)}
+
+
 def label_cav_bank(train: Embeddings, seed: int = 0) -> ConceptBank:
     """CAVs learned from embeddings with concept labels (toy world, CUB, manifests): the Post-hoc CBM way."""
     return cavs_from_labels(train.features, train.concept_labels, train.concept_names, seed=seed,
