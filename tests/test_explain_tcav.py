@@ -102,5 +102,8 @@ def test_tcav_at_a_cnn_layer_finds_the_concept_a_class_depends_on():
                         random_concepts=20, pooling="mean")
     result = report.result("red", "red square")
     assert result.significant and result.mean > 0.9
+    at_embedding = tcav_layer(backbone, None, linear, ["red square", "plain"], {"red square": red[:8]},
+                              {"red": red[8:16]}, _images(8 * 12, generator, False), runs=3, random_concepts=5)
+    assert at_embedding.results[0].layer == "embedding" and len(at_embedding.results[0].random_scores) == 5
     with pytest.raises(ValueError, match="not a module"):
         layer_activations(backbone, "nope", red[:2])
