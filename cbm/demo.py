@@ -73,49 +73,115 @@ def _probe_accuracy(splits: dict[str, Embeddings]) -> float:
         "accuracy"]
 
 
+class _Demo:
+    """The demo's shared state: the world's embeddings, banks, output folder and the rows of its table."""
+
+    def __init__(self, out: Path, cache_dir: str | Path | None, sizes: dict[str, int] | None, progress: bool) -> None:
+        from cbm.data.toy import CLASS_NAMES, class_prompts
+
+        self.out, self.cache_dir, self.progress = out, cache_dir, progress
+        self.rows: list[tuple[str, str, float]] = []
+        self.results: dict[str, Any] = {}
+        self.clip = load_backbone("toy:clip")
+        self.cnn = load_backbone("toy:cnn")
+        self.clip_data = toy_embeddings(self.clip, cache_dir=cache_dir, sizes=sizes, progress=progress)
+        self.cnn_data = toy_embeddings(self.cnn, cache_dir=cache_dir, sizes=sizes, progress=progress)
+        self.text_bank = toy_text_bank(self.clip)
+        self.class_texts = torch.stack([torch.nn.functional.normalize(self.clip.encode_texts(class_prompts(name)),
+                                                                      dim=1).mean(0) for name in CLASS_NAMES])
+
+    def row(self, measure: str, value: float, split: str = "test") -> float:
+        self.rows.append((measure, split, float(value)))
+        return float(value)
+
+    def backbones(self) -> None:
+        from cbm.data.toy import CONCEPT_GROUPS
+        from cbm.toymodels.quality import concept_auc, zero_shot_accuracy
+
+        test = self.clip_data["test"]
+        auc = concept_auc(test.features, self.text_bank.vectors, test.concept_labels, self.text_bank.names,
+                          CONCEPT_GROUPS)
+        self.row("toy:clip zero-shot concept detection (mean ROC-AUC)", auc["mean"])
+        self.row("toy:clip zero-shot classification (accuracy)",
+                 zero_shot_accuracy(test.features, self.class_texts, test.labels))
+        self.row("linear probe on toy:clip embeddings (accuracy)", _probe_accuracy(self.clip_data))
+        self.row("linear probe on toy:cnn embeddings (accuracy)", _probe_accuracy(self.cnn_data))
+        self.results["concept_auc_per_group"] = auc["per_group"]
+
+    def posthoc(self) -> None:
+        from cbm.models import PosthocCBM
+
+        train, val, test = (self.clip_data[split] for split in SPLITS)
+        pcbm = PosthocCBM(self.text_bank).fit(train, validation=val)
+        accuracy = self.row("PCBM, toy:clip text concepts (accuracy)", pcbm.score(test))
+        self.row("PCBM-h, toy:clip text concepts (accuracy)",
+                 PosthocCBM(self.text_bank, hybrid=True).fit(train, validation=val).score(test))
+        cnn_train = self.cnn_data["train"]
+        cav_pcbm = PosthocCBM(label_cav_bank(cnn_train)).fit(cnn_train, validation=self.cnn_data["val"])
+        self.row("PCBM, toy:cnn CAV concepts (accuracy)", cav_pcbm.score(self.cnn_data["test"]))
+        self.row("PCBM non-zero concept weights per class (mean)", np.mean(list(pcbm.sparsity().values())), "")
+        self.text_bank.save(self.out / "toy_clip_text_bank")
+        pcbm.save(self.out / "pcbm_toy_clip.cbm", metrics={"test_accuracy": accuracy})
+        self.results["pcbm_top_concepts"] = {name: pcbm.top_concepts(3)[name] for name in pcbm.class_names[:4]}
+        self.pcbm = pcbm
+
+    def language(self) -> None:
+        from cbm.data.toy import CLASS_NAMES
+        from cbm.models import ConceptMatrixSearch, LaBoCBM, LinearProbe, SparseCBM, few_shot
+
+        train, val, test = (self.clip_data[split] for split in SPLITS)
+        one_shot = few_shot(train, 1, seed=1)
+        labo = LaBoCBM(self.text_bank, prior=toy_language_prior()).fit(one_shot, validation=val)
+        self.row("LaBo, 1 shot per class (accuracy)", labo.score(test))
+        self.row("linear probe, 1 shot per class (accuracy)", LinearProbe().fit(one_shot, validation=val).score(test))
+        labo.save(self.out / "labo_1shot_toy_clip.cbm")
+        sparse = SparseCBM(self.text_bank, loss="gumbel").fit(train, validation=val)
+        self.row("Sparse-CBM (Gumbel), toy:clip text concepts (accuracy)", sparse.score(test))
+        self.row("Sparse-CBM top-5 share of concept activation mass", sparse.sparsity(test)["top5_abs_share"])
+        sparse.save(self.out / "sparse_toy_clip.cbm")
+        search = ConceptMatrixSearch(self.text_bank, self.class_texts, CLASS_NAMES)
+        self.row("Concept Matrix Search, training-free (accuracy)", search.score(test))
+
+    def energy(self) -> None:
+        from cbm.data.toy import class_concept_matrix
+        from cbm.models import EnergyCBM
+        from cbm.models.energy import pearson_r
+
+        train, val, test = (self.cnn_data[split] for split in SPLITS)
+        ecbm = EnergyCBM(hidden=128, batch_size=128, seed=0).fit(train, validation=val)
+        inference = ecbm.infer(test)
+        self.row("ECBM, toy:cnn concept labels (accuracy)", (inference.logits.argmax(1) == test.labels).float().mean())
+        self.row("ECBM concept accuracy", ((inference.concept_probs > 0.5).float() == test.concept_labels).float().mean())
+        conditionals = ecbm.conditionals(chains=128, sweeps=80)["p_c_given_y"]
+        self.row("ECBM p(concept | class) vs the world's truth (Pearson r)", pearson_r(conditionals,
+                                                                                    class_concept_matrix()), "")
+        ecbm.save(self.out / "ecbm_toy_cnn.cbm")
+
+    def temporal(self) -> None:
+        from cbm.models import TemporalCBM, TimeAveragedCBM
+
+        videos = toy_embeddings(self.clip, "toy:videos", cache_dir=self.cache_dir, progress=self.progress,
+                                frames_per_window=4)
+        train, val, test = (videos[split] for split in SPLITS)
+        motif = TemporalCBM(self.text_bank).fit(train, validation=val)
+        self.row("MoTIF temporal CBM, toy videos (video accuracy)", motif.score(test))
+        self.row("time-averaged CBM, toy videos (video accuracy)",
+                 TimeAveragedCBM(self.text_bank).fit(train, validation=val).score(test))
+        motif.save(self.out / "motif_toy_clip.cbm")
+
+
 def run_demo(out: str | Path = "cbm-output/demo", *, cache_dir: str | Path | None = None,
              sizes: dict[str, int] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run every capability the toolkit has on the toy world; write results under ``out``."""
-    from cbm.models import PosthocCBM
-    from cbm.toymodels.quality import concept_auc, zero_shot_accuracy
-    from cbm.data.toy import CLASS_NAMES, CONCEPT_GROUPS, class_prompts
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows: list[tuple[str, str, float]] = []
-    results: dict[str, Any] = {}
-
-    clip = load_backbone("toy:clip")
-    cnn = load_backbone("toy:cnn")
-    clip_data = toy_embeddings(clip, cache_dir=cache_dir, sizes=sizes, progress=progress)
-    cnn_data = toy_embeddings(cnn, cache_dir=cache_dir, sizes=sizes, progress=progress)
-    test = clip_data["test"]
-
-    text_bank = toy_text_bank(clip)
-    auc = concept_auc(test.features, text_bank.vectors, test.concept_labels, text_bank.names, CONCEPT_GROUPS)
-    class_texts = torch.stack([torch.nn.functional.normalize(clip.encode_texts(class_prompts(name)), dim=1).mean(0)
-                               for name in CLASS_NAMES])
-    rows += [("toy:clip zero-shot concept detection (mean ROC-AUC)", "test", auc["mean"]),
-             ("toy:clip zero-shot classification (accuracy)", "test",
-              zero_shot_accuracy(test.features, class_texts, test.labels)),
-             ("linear probe on toy:clip embeddings (accuracy)", "test", _probe_accuracy(clip_data)),
-             ("linear probe on toy:cnn embeddings (accuracy)", "test", _probe_accuracy(cnn_data))]
-    results["concept_auc_per_group"] = auc["per_group"]
-
-    pcbm = PosthocCBM(text_bank).fit(clip_data["train"], validation=clip_data["val"])
-    hybrid = PosthocCBM(text_bank, hybrid=True).fit(clip_data["train"], validation=clip_data["val"])
-    cav_bank = label_cav_bank(cnn_data["train"])
-    cav_pcbm = PosthocCBM(cav_bank).fit(cnn_data["train"], validation=cnn_data["val"])
-    rows += [("PCBM, toy:clip text concepts (accuracy)", "test", pcbm.score(test)),
-             ("PCBM-h, toy:clip text concepts (accuracy)", "test", hybrid.score(test)),
-             ("PCBM, toy:cnn CAV concepts (accuracy)", "test", cav_pcbm.score(cnn_data["test"])),
-             ("PCBM non-zero concept weights per class (mean)", "", float(np.mean(list(pcbm.sparsity().values()))))]
-    text_bank.save(out / "toy_clip_text_bank")
-    pcbm.save(out / "pcbm_toy_clip.cbm", metrics={"test_accuracy": rows[-4][2]})
-    results["top_concepts"] = {name: pcbm.top_concepts(3)[name] for name in pcbm.class_names[:4]}
-
-    results["rows"] = [{"measure": name, "split": split, "value": value} for name, split, value in rows]
+    demo = _Demo(out, cache_dir, sizes, progress)
+    for section in (demo.backbones, demo.posthoc, demo.language, demo.energy, demo.temporal):
+        logger.info("demo: %s", section.__name__)
+        section()
+    results = demo.results
+    results["rows"] = [{"measure": name, "split": split, "value": value} for name, split, value in demo.rows]
     results["seconds"] = time.perf_counter() - started
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     return results
