@@ -8,6 +8,7 @@ import logging
 import platform
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 logger = logging.getLogger("cbm")
@@ -294,25 +295,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_app(args: argparse.Namespace) -> int:
-    """Open the concept editor in the browser (Streamlit), bound to 127.0.0.1 unless --host says otherwise."""
-    import os
-
-    import app
-
-    if args.model and not Path(args.model).is_file():
-        raise FileNotFoundError(f"model bundle {args.model} does not exist.")
-    script = Path(app.__file__).with_name("editor.py")
-    env = {**os.environ, "CBM_APP_MODEL": str(Path(args.model).resolve()) if args.model else "",
-           "CBM_APP_DATA": args.data or ""}
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", args.host,
-               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    print(f"concept editor on http://{args.host}:{args.port} (Ctrl+C stops it)"
-          + ("" if args.model else "; the toy demo model is built on first use and cached"))
-    sys.stdout.flush()
-    os.execve(sys.executable, command, env)  # become the server, so signals reach it directly
-
-
 def describe_model(path: str) -> str:
     """A few lines about a model bundle, read without running anything from it."""
     from cbm.models.bundle import read_bundle
@@ -382,14 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", help="also write features + labels to this .safetensors file (ids in a .json beside)")
     emb.set_defaults(run=cmd_embed)
 
-    editor = commands.add_parser("app", help="open the concept editor (Streamlit) in the browser",
-                                 description=cmd_app.__doc__)
-    editor.add_argument("model", nargs="?", help="model bundle (default: the toy demo model, built on first use)")
-    editor.add_argument("--data", help="dataset spec to browse (default: toy:images@val)")
-    editor.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    editor.add_argument("--port", type=int, default=8501, help="port (default 8501)")
-    editor.set_defaults(run=cmd_app)
-
     from concepts.cli import add_commands as add_concept_commands
     add_concept_commands(commands, load_encoder=_load_encoder, load_embeddings=_load_labelled_embeddings)
 
@@ -454,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--force", action="store_true", help="replace --out if it exists")
     ed.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     ed.set_defaults(run=cmd_edit)
+
+    for plugin in entry_points(group="cbm.commands"):  # `cbm audit` (explain) and `cbm app` (app) plug in here
+        plugin.load()(commands)
     return parser
 
 
