@@ -15,6 +15,8 @@ import streamlit as st
 import torch
 
 from app.session import EditorSession
+from explain import EvalData, explain_samples
+from explain.plots import contribution_figure
 from cbm.data.base import ImageReadError, read_image_bytes
 
 SLIDERS_SHOWN = 12
@@ -128,11 +130,10 @@ def explore(s: EditorSession, filters: tuple) -> None:
         st.subheader(f"Prediction: {model.class_names[predicted]} ({before[predicted]:.0%})")
         st.bar_chart(probability_frame(s, before))
     with right:
-        contributions = model.contributions(features)[0, predicted]
-        top = contributions.abs().argsort(descending=True)[:15].tolist()
+        explanation = explain_samples(model, EvalData(features, None, ids=[name]), rows=[0], k=12)[0]
         st.subheader(f"Why {model.class_names[predicted]}: concept contributions")
-        st.bar_chart(pd.DataFrame({"concept": [model.concept_names[k] for k in top],
-                                   "contribution": [float(contributions[k]) for k in top]}).set_index("concept"))
+        st.pyplot(contribution_figure(explanation), use_container_width=False)
+        st.markdown(f"**Smallest change that flips it:** {explanation.counterfactual.describe()}")
     st.subheader("Intervene on concepts")
     changed = concept_sliders(s, name, features)
     if changed:

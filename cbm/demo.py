@@ -123,7 +123,20 @@ class _Demo:
         self.text_bank.save(self.out / "toy_clip_text_bank")
         pcbm.save(self.out / "pcbm_toy_clip.cbm", metrics={"test_accuracy": accuracy})
         self.results["pcbm_top_concepts"] = {name: pcbm.top_concepts(3)[name] for name in pcbm.class_names[:4]}
-        self.pcbm = pcbm
+        self._audit(pcbm, test)
+
+    def _audit(self, pcbm: Any, test: Embeddings) -> None:
+        """The audit report of the PCBM (explain is imported lazily: cbm never depends on it)."""
+        try:
+            from explain import audit
+        except ImportError:  # the toolkit installed without the explain package
+            return
+        images = load_dataset("toy:images@test", n=len(test))
+        report = audit(pcbm, test, name="PCBM (toy:clip text concepts)", data_name="toy:images@test",
+                       train=self.clip_data["train"], images=images, out=self.out / "audit", progress=self.progress)
+        self.row("PCBM oracle intervention gain, 20 concepts (accuracy)", report.summary["oracle_gain"])
+        self.results["audit"] = {"html": str(report.paths["html"]),
+                                 "top_suspects": [s["concept"] for s in report.data["suspects"][:3]]}
 
     def language(self) -> None:
         from cbm.data.toy import CLASS_NAMES

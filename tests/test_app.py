@@ -53,6 +53,8 @@ def test_the_model_opens_and_shows_a_prediction(app):
     assert app.title[0].value == "Concept editor"
     assert any("Prediction:" in header.value for header in app.subheader)
     assert app.selectbox(key="sample").value is not None
+    counterfactual = [m.value for m in app.markdown if m.value.startswith("**Smallest change that flips it:**")]
+    assert counterfactual and "=>" in counterfactual[0]
 
 
 def test_a_slider_changes_the_prediction_exactly_as_intervene_does(app, setup):
