@@ -332,3 +332,111 @@ def test_video_event_spans_match_frames(videos):
                 seen.add(name)
     assert seen >= {"turns red", "turns blue", "appears", "disappears", "moves left", "grows", "shrinks",
                     "becomes striped"}
+
+
+# ------------------------------------------------------------------ quality functions and shipped models
+
+
+def test_quality_functions_on_synthetic_embeddings():
+    from cbm.toymodels import quality
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=300)
+    concepts = (rng.random((300, 5)) < 0.4).astype(np.float32)
+    # text embedding k = axis k; images carry their concepts on those axes plus noise
+    images = np.concatenate([concepts + 0.05 * rng.normal(size=(300, 5)), np.eye(4)[labels]], axis=1)
+    concept_text = np.eye(9)[:5]
+    auc = quality.concept_auc(images, concept_text, concepts, list("abcde"), {"first": ["a", "b"], "rest": ["c", "d", "e"]})
+    assert auc["mean"] > 0.99 and set(auc["per_group"]) == {"first", "rest"}
+    shuffled = quality.concept_auc(images, concept_text[::-1], concepts)
+    assert shuffled["mean"] < 0.8
+    class_text = np.eye(9)[5:]
+    assert quality.zero_shot_accuracy(images, class_text, labels) == 1.0
+    probe = quality.linear_probe(images[:150], labels[:150], images[150:200], labels[150:200], images[200:], labels[200:])
+    assert probe["accuracy"] > 0.95 and probe["C"] in quality.DEFAULT_CS
+    constant = quality.concept_auc(images, concept_text, np.zeros_like(concepts))
+    assert np.isnan(constant["mean"])  # no positives: undefined, not a fake 0.5
+    report = quality.format_report("synthetic", quality.evaluate(
+        train=(images[:150], labels[:150]), val=(images[150:200], labels[150:200]), test=(images[200:], labels[200:]),
+        test_concepts=concepts[200:], concept_text_embeddings=concept_text, class_text_embeddings=class_text))
+    assert "linear probe" in report and "zero-shot" in report
+
+
+def _assets():
+    from cbm.toymodels import TOY_CLIP_DIR, TOY_CNN_DIR
+
+    if not (TOY_CLIP_DIR / "open_clip_model.safetensors").is_file() or not (TOY_CNN_DIR / "model.safetensors").is_file():
+        pytest.skip("shipped toy models not built (python -m cbm.toymodels.train)")
+    return TOY_CLIP_DIR, TOY_CNN_DIR
+
+
+def test_shipped_assets_are_self_describing_and_small():
+    import json
+
+    from safetensors import safe_open
+
+    clip_dir, cnn_dir = _assets()
+    total = sum(f.stat().st_size for d in (clip_dir, cnn_dir) for f in d.iterdir())
+    assert total <= 25 * 2**20
+    clip_cfg = json.loads((clip_dir / "open_clip_config.json").read_text())
+    assert clip_cfg["model_cfg"]["text_cfg"]["vocab_size"] == 49408
+    assert clip_cfg["preprocess_cfg"]["size"] == 64 and len(clip_cfg["preprocess_cfg"]["mean"]) == 3
+    cnn_cfg = json.loads((cnn_dir / "config.json").read_text())
+    for key in ("architecture", "kwargs", "image_size", "mean", "std", "class_names", "layer"):
+        assert key in cnn_cfg
+    assert cnn_cfg["class_names"] == toy.CLASS_NAMES
+    for path in (clip_dir / "open_clip_model.safetensors", cnn_dir / "model.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        assert "torch.float16" in {str(d) for d in dtypes} and "torch.float32" not in {str(d) for d in dtypes}
+    for directory in (clip_dir, cnn_dir):
+        metrics = json.loads((directory / "metrics.json").read_text())
+        assert metrics["world_version"] == toy.WORLD_VERSION
+
+
+def test_shipped_clip_loads_with_open_clip_and_detects_concepts():
+    import open_clip
+    import torch
+
+    from cbm.toymodels import quality
+
+    clip_dir, _ = _assets()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    model.eval()
+    data = toy.ToyImages("test", n=300, seed=11)
+    with torch.inference_mode():
+        images = model.encode_image(torch.stack([preprocess(data.load(i)) for i in range(len(data))]))
+        text = []
+        for name in toy.CONCEPTS:
+            emb = model.encode_text(tokenizer(toy.concept_prompts(name)))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            text.append(emb.mean(0))
+        text = torch.stack(text)
+    auc = quality.concept_auc(images, text, data.concept_labels, toy.CONCEPTS, toy.CONCEPT_GROUPS)
+    assert auc["mean"] >= 0.88, auc["per_group"]
+    assert auc["per_group"]["position"] > 0.75 and auc["per_group"]["shape"] > 0.8
+
+
+def test_shipped_cnn_rebuilds_from_its_config():
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from torchvision import models
+
+    _, cnn_dir = _assets()
+    cfg = json.loads((cnn_dir / "config.json").read_text())
+    model = models.get_model(cfg["architecture"], weights=None, **cfg["kwargs"]).eval()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(cnn_dir / "model.safetensors")).items()})
+    data = toy.ToyImages("test", n=300, seed=11)
+    x = torch.from_numpy(data.render_all()).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    captured = []
+    layer = dict(model.named_modules())[cfg["layer"]]
+    layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.inference_mode():
+        logits = model(x)
+    features = captured[0].mean(dim=(2, 3)) if captured[0].ndim == 4 else captured[0]
+    assert features.shape == (300, cfg["embed_dim"])
+    assert (logits.argmax(1).numpy() == data.labels).mean() > 0.85

@@ -796,7 +796,7 @@ class ToyImages(ConceptDataset):
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(iterator, total=len(indices), desc="render toy images")
+            iterator = tqdm(iterator, total=len(indices), desc="render toy images", mininterval=5)
         for j, i in iterator:
             out[j] = render_array(self.scene(int(i)), self.image_size)
         return out
