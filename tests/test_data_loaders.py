@@ -614,11 +614,11 @@ def test_registry_errors_and_custom_schemes(tmp_path: Path, image_folder: Path, 
         calls.append((path, split, options))
         return ImageFolder(image_folder)
 
-    register_dataset_scheme("toy", factory)
-    register_dataset_scheme("toy", factory)  # same factory again: fine
-    assert isinstance(load_dataset("toy:world@test", size=3), ImageFolder)
+    register_dataset_scheme("mine", factory)
+    register_dataset_scheme("mine", factory)  # same factory again: fine
+    assert isinstance(load_dataset("mine:world@test", size=3), ImageFolder)
     assert calls == [("world", "test", {"size": 3})]
     with pytest.raises(ValueError, match="already registered"):
-        register_dataset_scheme("toy", lambda p, s, o: None)
+        register_dataset_scheme("mine", lambda p, s, o: None)
     with pytest.raises(ValueError, match="word"):
         register_dataset_scheme("bad name", factory)
