@@ -27,7 +27,7 @@ import bisect
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -365,6 +365,38 @@ def sample_scene(
     )
 
 
+TWIN_GROUPS = {"shape": 0.45, "pattern": 0.2, "size": 0.15, "count": 0.1, "outline": 0.1}
+
+
+def twin_scene(scene: Scene, rng: np.random.Generator, group: str | None = None) -> tuple[Scene, str]:
+    """The same scene with one concept group changed (a counterfactual twin) and that group's name.
+
+    Groups: shape, pattern, size, count (single <-> pair) or outline; ``None`` draws one with
+    ``TWIN_GROUPS`` weights. Position concepts stay as they were (the centre does not move).
+    """
+    if group is None:
+        names = list(TWIN_GROUPS)
+        group = names[int(rng.choice(len(names), p=np.array(list(TWIN_GROUPS.values()))))]
+
+    def other(values: Sequence[str], current: str) -> str:
+        options = [v for v in values if v != current]
+        return options[int(rng.integers(len(options)))]
+
+    if group == "shape":
+        return replace(scene, shape=other(SHAPES, scene.shape)), group
+    if group == "pattern":
+        return replace(scene, pattern=other(PATTERNS, scene.pattern)), group
+    if group == "size":
+        current = "small" if scene.radius < SMALL_BELOW else "large" if scene.radius > LARGE_ABOVE else "medium"
+        lo, hi = SIZE_RADIUS[other(SIZES, current)]
+        return replace(scene, radius=float(rng.uniform(lo, hi))), group
+    if group == "count":
+        return replace(scene, pair=not scene.pair), group
+    if group == "outline":
+        return replace(scene, outline=other(OUTLINES, scene.outline)), group
+    raise ValueError(f"cannot make a twin by changing {group!r}; use one of {sorted(TWIN_GROUPS)}.")
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     """A free scene: every concept group drawn from the world defaults, independent of any class."""
     return sample_scene(rng, None)
@@ -623,16 +655,20 @@ def caption(
     rng: np.random.Generator,
     class_name: str | None = None,
     keep: float = 0.7,
+    always: Collection[str] = (),
 ) -> str:
     """A random caption of a concept vector: several templates and synonyms, each attribute kept
-    with probability ``keep``; ``class_name`` (if given) appears in about half of the captions."""
+    with probability ``keep``; ``class_name`` (if given) appears in about half of the captions.
+
+    ``always`` names concept groups (keys of ``CONCEPT_GROUPS``) that every caption mentions
+    when the image has them, e.g. ``{"shape"}`` for two images that differ only in shape."""
     on = {CONCEPTS[k] for k, v in enumerate(np.asarray(concepts)) if v > 0.5}
 
     def pick(options: Sequence[str]) -> str:
         return options[int(rng.integers(len(options)))]
 
-    def kept() -> bool:
-        return bool(rng.random() < keep)
+    def kept(group: str = "") -> bool:
+        return bool(rng.random() < keep) or group in always
 
     shape = next((s for s in SHAPES if s in on), None)
     colour = next((c for c in COLOURS if c in on), None)
@@ -653,52 +689,53 @@ def caption(
         return text
 
     if rng.random() < 0.12:  # a bare list of attributes
-        words = [w for w in (size, colour, pattern, shape) if w and kept()] or [shape]
-        if pair and kept():
+        words = [w for w, g in ((size, "size"), (colour, "colour"), (pattern, "pattern"), (shape, "shape"))
+                 if w and kept(g)] or [shape]
+        if pair and kept("count"):
             words.insert(0, "a pair of objects")
-        words += [p for p in positions if kept()]
-        words += [w for w in (background, outline) if w and kept()]
-        if frame and kept():
+        words += [p for p in positions if kept("position")]
+        words += [w for w, g in ((background, "background"), (outline, "outline")) if w and kept(g)]
+        if frame and kept("frame"):
             words.append("frame around the image")
-        if blurry and kept():
+        if blurry and kept("blur"):
             words.append("blurry")
         return ", ".join(words)
 
     adjectives = []
-    if size and kept():
+    if size and kept("size"):
         adjectives.append(pick(_SIZE_WORDS[size]))
-    if colour and kept():
+    if colour and kept("colour"):
         adjectives.append(colour)
     post = []
-    if pattern and kept():
+    if pattern and kept("pattern"):
         if rng.random() < 0.7:
             adjectives.append(pick(_PATTERN_ADJ[pattern]))
         else:
             post.append(pick(_PATTERN_POST[pattern]))
-    shape_kept = kept() or not adjectives
+    shape_kept = kept("shape") or not adjectives
     singular, plural = _SHAPE_WORDS[shape] if shape_kept else _NOUNS
     adj = " ".join(adjectives)
-    if pair and kept():
+    if pair and kept("count"):
         noun = f"{adj} {pick(plural)}".strip()
         head = pick([f"two {noun}", f"a pair of {noun}", f"a pair of objects: two {noun}"])
     else:
         noun = f"{adj} {pick(singular)}".strip()
         head = f"{_article(noun)} {noun}"
     tail = list(post)
-    if outline and kept():
+    if outline and kept("outline"):
         tail.append(pick(_OUTLINE_WORDS[outline]))
-    where = [pick(_POSITION_WORDS[p]) for p in positions if kept()]
-    if not positions and kept():
+    where = [pick(_POSITION_WORDS[p]) for p in positions if kept("position")]
+    if not positions and kept("position"):
         where = [pick(_CENTRE_WORDS)]
     if where:
         tail.append(" and ".join(where))
-    if background and kept():
+    if background and kept("background"):
         tail.append(f"on a {pick(_BACKGROUND_WORDS[background])}")
-    if frame and kept():
+    if frame and kept("frame"):
         tail.append(pick(_FRAME_WORDS))
     rng.shuffle(tail)
     body = " ".join([head] + tail)
-    if blurry and kept():
+    if blurry and kept("blur"):
         body = pick([f"a blurry photo of {body}", f"{body}, blurry", f"{body}, out of focus"])
     elif rng.random() < 0.4:
         body = f"a photo of {body}"
@@ -1072,5 +1109,5 @@ __all__ = [
     "VIDEO_CLASS_NAMES", "VIDEO_ORDER_PAIRS", "WORLD_VERSION", "Event", "Scene", "ToyImages", "ToyVideos",
     "VideoSpec", "caption", "class_concept_matrix", "class_prompts", "concept_prompts",
     "conditional_concept_matrix", "random_scene", "render", "render_array", "sample_scene", "sample_video",
-    "scene_concepts", "video_frame_scene",
+    "scene_concepts", "twin_scene", "video_frame_scene",
 ]

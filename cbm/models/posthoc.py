@@ -193,7 +193,9 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         head_val = (self._margins(val_x) @ self.weight_.T + self.bias_).to(device)
         train_x, train_y, val_x, val_y = train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device)
         optimiser = torch.optim.Adam(residual.parameters(), lr=self.residual_lr)
-        best = (float("inf"), residual.weight.detach().clone(), residual.bias.detach().clone(), 0)
+        with torch.no_grad():  # epoch 0 is the plain PCBM: the residual is kept only if validation improves
+            start = float(nn.functional.cross_entropy(head_val + residual(val_x), val_y))
+        best = (start, residual.weight.detach().clone(), residual.bias.detach().clone(), 0)
         stale = 0
         for epoch in range(1, self.residual_epochs + 1):
             for batch in torch.randperm(len(train_x), generator=generator).split(self.batch_size):

@@ -94,7 +94,7 @@ def linear_probe(
     test_x: Any,
     test_y: Any,
     cs: Sequence[float] = DEFAULT_CS,
-    max_iter: int = 500,
+    max_iter: int = 300,
 ) -> dict[str, Any]:
     """Logistic regression on standardised embeddings; C chosen by validation accuracy.
 
@@ -106,7 +106,7 @@ def linear_probe(
     tried: dict[str, float] = {}
     best: tuple[float, float, Any] | None = None
     for c in cs:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, tol=1e-3))
         model.fit(train_x, train_y)
         score = float(model.score(val_x, val_y))
         tried[str(c)] = score

@@ -72,30 +72,42 @@ THRESHOLDS = {"clip_concept_auc_mean": 0.90, "linear_probe_accuracy": 0.90}
 
 @dataclass
 class Pool:
-    """Rendered training images with their concepts and class labels (-1: free scene)."""
+    """Rendered training images with their concepts and class labels (-1: free scene).
+
+    ``twins`` [M, 2] pairs rows that show the same free scene with one concept group changed
+    (``twin_groups[m]`` names it): hard negatives for contrastive training.
+    """
 
     images: torch.Tensor  # uint8 [N, S, S, 3]
     concepts: np.ndarray  # float32 [N, K]
     labels: np.ndarray  # int64 [N]
+    twins: np.ndarray  # int64 [M, 2]
+    twin_groups: list[str]
 
 
 def render_pool(seed: int, n_class: int, n_free: int, size: int = IMAGE_SIZE) -> Pool:
-    """Class images ``ToyImages("train", n_class, seed)`` followed by ``n_free`` free scenes."""
+    """Class images ``ToyImages("train", n_class, seed)``, then ``n_free`` free scenes, then a
+    counterfactual twin of each free scene (``toy.twin_scene``)."""
     from tqdm import tqdm
 
     data = toy.ToyImages("train", n=n_class, seed=seed, image_size=size)
-    images = np.empty((n_class + n_free, size, size, 3), dtype=np.uint8)
+    total = n_class + 2 * n_free
+    images = np.empty((total, size, size, 3), dtype=np.uint8)
+    concepts = np.empty((total, toy.NUM_CONCEPTS), dtype=np.float32)
     images[:n_class] = data.render_all(progress=True)
+    concepts[:n_class] = data.concept_labels
     rng = np.random.default_rng([seed, 777])
-    concepts = [data.concept_labels]
-    free_concepts = np.empty((n_free, toy.NUM_CONCEPTS), dtype=np.float32)
-    for j in tqdm(range(n_free), desc="render free scenes", mininterval=5):
+    groups = []
+    for j in tqdm(range(n_free), desc="render free scenes and twins", mininterval=5):
         scene = toy.random_scene(rng)
-        images[n_class + j] = toy.render_array(scene, size)
-        free_concepts[j] = scene.concepts()
-    concepts.append(free_concepts)
-    labels = np.concatenate([data.labels, -np.ones(n_free, dtype=np.int64)])
-    return Pool(torch.from_numpy(images), np.concatenate(concepts), labels)
+        twin, group = toy.twin_scene(scene, rng)
+        groups.append(group)
+        for row, sc in ((n_class + j, scene), (n_class + n_free + j, twin)):
+            images[row] = toy.render_array(sc, size)
+            concepts[row] = sc.concepts()
+    labels = np.concatenate([data.labels, -np.ones(2 * n_free, dtype=np.int64)])
+    twins = np.stack([np.arange(n_free) + n_class, np.arange(n_free) + n_class + n_free], axis=1)
+    return Pool(torch.from_numpy(images), concepts, labels, twins, groups)
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -151,34 +163,51 @@ def build_cnn(num_classes: int) -> nn.Module:
 
 
 def train_cnn(pool: Pool, seconds: float, seed: int, steps: int | None = None, batch_size: int = 128,
-              lr: float = 3e-3) -> tuple[nn.Module, dict]:
-    """Classify the pool's class images with the CNN for ``seconds`` (or ``steps``)."""
+              lr: float = 3e-3, concept_weight: float = 1.0) -> tuple[nn.Module, dict]:
+    """Train the CNN for ``seconds`` (or ``steps``): class cross-entropy on class images plus, as
+    auxiliary supervision, binary cross-entropy of the world's concepts on every image (class and
+    free scenes) from a linear head on the embedding. The head is dropped afterwards; it makes the
+    penultimate features carry the concepts, which is what class-level training alone learned
+    too slowly on two CPU cores (a linear probe stayed at 0.70 after 1000 steps without it)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    labelled = np.nonzero(pool.labels >= 0)[0]
     model = build_cnn(toy.NUM_CLASSES)
-    optimizer = torch.optim.AdamW(_param_groups(model, 0.05), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
+    concept_head = nn.Linear(CNN_EMBED_DIM, toy.NUM_CONCEPTS)
+    captured: list[torch.Tensor] = []
+    module = dict(model.named_modules())[CNN_EMBED_LAYER]
+    hook = module.register_forward_hook(lambda _m, _i, out: captured.append(out.mean(dim=(2, 3))))
+    params = _param_groups(model, 0.05) + _param_groups(concept_head, 0.05)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     clock, step, running = _Clock(seconds, steps), 0, 0.0
     model.train()
     while not clock.done(step):
         factor = _lr_factor(step, 30, clock.progress(step))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        idx = torch.from_numpy(rng.choice(labelled, size=batch_size))
-        x = to_model_input(pool.images[idx])
-        y = torch.from_numpy(pool.labels[idx.numpy()])
-        loss = loss_fn(model(x), y)
+        idx = rng.integers(0, len(pool.labels), size=batch_size)
+        x = to_model_input(pool.images[torch.from_numpy(idx)])
+        y = torch.from_numpy(pool.labels[idx])
+        concepts = torch.from_numpy(pool.concepts[idx])
+        captured.clear()
+        logits = model(x)
+        known = y >= 0
+        class_loss = nn.functional.cross_entropy(logits[known], y[known]) if known.any() else logits.sum() * 0
+        concept_loss = nn.functional.binary_cross_entropy_with_logits(concept_head(captured[0]), concepts)
+        loss = class_loss + concept_weight * concept_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        running = 0.98 * running + 0.02 * class_loss.item() if step else class_loss.item()
         step += 1
         if step % 100 == 0:
-            logger.info("cnn step %d  %.0fs  loss %.3f  lr %.2e", step, clock.elapsed(), running, lr * factor)
+            logger.info("cnn step %d  %.0fs  class loss %.3f  concept loss %.3f  lr %.2e", step, clock.elapsed(),
+                        running, concept_loss.item(), lr * factor)
+    hook.remove()
     model.eval()
     return model, {"steps": step, "train_seconds": round(clock.elapsed(), 1), "batch_size": batch_size,
-                   "lr": lr, "images_seen": step * batch_size, "final_loss": round(running, 4)}
+                   "lr": lr, "images_seen": step * batch_size, "final_class_loss": round(running, 4),
+                   "auxiliary": f"concept BCE on the embedding (weight {concept_weight}), head discarded",
+                   "data": "pool class images (class + concept loss) and free scenes (concept loss)"}
 
 
 def save_cnn(model: nn.Module, out_dir: Path) -> None:
@@ -286,8 +315,13 @@ def quick_concept_auc(model: nn.Module, tokenizer, images: torch.Tensor, concept
 
 def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: int | None = None,
                batch_size: int = 256, lr: float = 1e-3, warmup: int = 50, monitor: tuple | None = None,
-               monitor_every: int = 200) -> dict:
-    """Contrastive training on pool images with captions re-drawn every step (open_clip ``ClipLoss``)."""
+               monitor_every: int = 200, n_twin_pairs: int = 48) -> dict:
+    """Contrastive training on pool images with captions re-drawn every step (open_clip ``ClipLoss``).
+
+    Each batch holds ``n_twin_pairs`` counterfactual twin pairs (same scene, one concept group
+    changed, both captions naming that group) and random pool images for the rest: colour and
+    background alone separate most random pairs, and without twins shape stayed weak (zero-shot
+    shape AUC 0.73, cross 0.52, after 1100 steps)."""
     from open_clip.loss import ClipLoss
 
     rng = np.random.default_rng([seed, 2])
@@ -301,10 +335,14 @@ def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: i
         factor = _lr_factor(step, warmup, clock.progress(step))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        idx = rng.integers(0, len(pool.labels), size=batch_size)
+        pairs = rng.integers(0, len(pool.twins), size=n_twin_pairs) if len(pool.twins) else np.zeros(0, int)
+        idx = np.concatenate([pool.twins[pairs].reshape(-1),
+                              rng.integers(0, len(pool.labels), size=batch_size - 2 * len(pairs))])
+        forced = [{pool.twin_groups[p]} for p in pairs for _ in range(2)]
         captions = [
-            toy.caption(pool.concepts[i], rng, toy.CLASS_NAMES[pool.labels[i]] if pool.labels[i] >= 0 else None)
-            for i in idx
+            toy.caption(pool.concepts[i], rng, toy.CLASS_NAMES[pool.labels[i]] if pool.labels[i] >= 0 else None,
+                        always=forced[k] if k < len(forced) else ())
+            for k, i in enumerate(idx)
         ]
         images = to_model_input(pool.images[torch.from_numpy(idx)])
         image_features, text_features, logit_scale = model(images, tokenizer(captions))
@@ -327,7 +365,7 @@ def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: i
                             "val_concept_auc_per_group": {g: round(v, 4) for g, v in auc["per_group"].items()}})
     model.eval()
     return {"steps": step, "train_seconds": round(clock.elapsed(), 1), "batch_size": batch_size, "lr": lr,
-            "warmup_steps": warmup, "images_seen": step * batch_size, "final_loss": round(running, 4),
+            "warmup_steps": warmup, "twin_pairs_per_batch": n_twin_pairs, "images_seen": step * batch_size, "final_loss": round(running, 4),
             "val_history": history}
 
 
@@ -434,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=1100, help="CLIP steps (ignored with --minutes)")
     parser.add_argument("--cnn-steps", type=int, default=1000, help="CNN steps (ignored with --minutes)")
     parser.add_argument("--pool-class", type=int, default=20000, help="rendered class images")
-    parser.add_argument("--pool-free", type=int, default=20000, help="rendered free scenes (independent concepts)")
+    parser.add_argument("--pool-free", type=int, default=16000,
+                        help="rendered free scenes (independent concepts), each with a counterfactual twin")
     parser.add_argument("--eval-reserve", type=float, default=180.0, help="with --minutes: seconds kept for scoring")
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     parser.add_argument("--threads", type=int, default=2)
@@ -479,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpu = round(time.process_time() - cpu_start, 1)
     common = {"world_version": toy.WORLD_VERSION, "seed": args.seed, "wall_seconds_total": wall,
               "cpu_seconds_total": cpu, "schedule": "wall-clock budget" if timed else "fixed steps",
-              "threads": args.threads, "pool": {"class_images": args.pool_class, "free_scenes": args.pool_free},
+              "threads": args.threads, "pool": {"class_images": args.pool_class, "free_scenes": args.pool_free, "twins": args.pool_free},
               "eval": {"train": 3000, "val": 1500, "test": 3000, "split_seed": args.seed},
               "command": "python -m cbm.toymodels.train " + " ".join(sys.argv[1:] if argv is None else argv)}
     ok = True
