@@ -150,6 +150,20 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         self.backbone_spec_, self.backbone_fingerprint_ = backbone or ("", "")
         self.edits_: list[EditRecord] = []
 
+    def _begin_bank_fit(self, x: Any, y: Any, class_names: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check ``x``/``y`` against the family's concept bank and record classes, concepts, input width and
+        backbone; returns the features and labels (families built on ``self.bank``)."""
+        y = labels_of(x, y)
+        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
+        features = as_matrix(x, "x")
+        self.bank.check_features(features, fingerprint)
+        labels = as_labels(y, len(features))
+        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
+        self._set_data_identity(x, class_names, n_classes)
+        self.concept_names_ = list(self.bank.names)
+        self.n_features_in_ = features.shape[1]
+        return features, labels
+
     # ------------------------------------------------------------------ the family's part
     def concepts(self, x: Any) -> torch.Tensor:
         """Concept activations [N, K]."""

@@ -162,15 +162,7 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         """Train the association matrix; concept labels are not used (LaBo needs none)."""
         if self.bank.kind != "text":
             raise ValueError(f"LaBo needs a text concept bank, got a {self.bank.kind!r} bank.")
-        y = labels_of(x, y)
-        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
-        features = as_matrix(x, "x")
-        self.bank.check_features(features, fingerprint)
-        labels = as_labels(y, len(features))
-        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
-        self._set_data_identity(x, class_names, n_classes)
-        self.concept_names_ = list(self.bank.names)
-        self.n_features_in_ = features.shape[1]
+        features, labels = self._begin_bank_fit(x, y, class_names)
         for name, value in (("lr", self.lr), ("scale", self.scale), ("epochs", self.epochs),
                             ("eval_every", self.eval_every)):
             if not value > 0:

@@ -23,9 +23,7 @@ import torch
 from torch import nn
 
 from cbm.backbones import resolve_device
-from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, labels_of, prepare_validation)
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix, bank_from_state, bank_state, prepare_validation)
 from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
 from concepts.bank import ConceptBank
 
@@ -109,15 +107,7 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         intervention reference values "high"/"low" become the mean training score of the samples
         with and without each concept.
         """
-        y = labels_of(x, y)
-        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
-        features = as_matrix(x, "x")
-        self.bank.check_features(features, fingerprint)
-        labels = as_labels(y, len(features))
-        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
-        self._set_data_identity(x, class_names, n_classes)
-        self.concept_names_ = list(self.bank.names)
-        self.n_features_in_ = features.shape[1]
+        features, labels = self._begin_bank_fit(x, y, class_names)
         n_classes = len(self.class_names_)
         references = self._references(features, concept_labels)
         train_x, train_y, val_x, val_y, val_source = prepare_validation(self, features, labels, validation, self.seed,

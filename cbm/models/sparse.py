@@ -44,7 +44,7 @@ from torch import nn
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
-                             accuracy, as_labels, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
+                             accuracy, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
                              prepare_validation)
 from concepts.bank import DEFAULT_TEMPLATES, ConceptBank
 
@@ -165,15 +165,7 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         for name in ("lr", "cbl_lr", "epochs", "batch_size", "tau", "logit_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
-        y = labels_of(x, y)
-        fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
-        features = as_matrix(x, "x")
-        self.bank.check_features(features, fingerprint)
-        labels = as_labels(y, len(features))
-        n_classes = max(int(labels.max()) + 1, len(class_names or getattr(x, "class_names", None) or []))
-        self._set_data_identity(x, class_names, n_classes)
-        self.concept_names_ = list(self.bank.names)
-        self.n_features_in_ = features.shape[1]
+        features, labels = self._begin_bank_fit(x, y, class_names)
         train_x, train_y, val_x, val_y, source = prepare_validation(self, features, labels, validation, self.seed,
                                                                     self.bank)
         device = resolve_device(self.device)
