@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +63,6 @@ CLIP_PREPROCESS_CFG: dict[str, Any] = {
 CNN_ARCH = "shufflenet_v2_x0_5"
 CNN_EMBED_LAYER = "conv5"  # its output, averaged over space, is the input of the classifier ``fc``
 CNN_EMBED_DIM = 1024
-CNN_IMAGE_SIZE = 96  # world images are upsampled (bilinear) before the CNN: its stem downsamples 4x
 
 THRESHOLDS = {"clip_concept_auc_mean": 0.90, "linear_probe_accuracy": 0.90}
 
@@ -120,17 +118,6 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def cnn_input(images: torch.Tensor | np.ndarray, size: int = CNN_IMAGE_SIZE) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> the CNN's input: PIL bilinear resize to ``size`` (what
-    ``transforms.Resize(size)`` does to a PIL image), then normalised [B, 3, size, size]."""
-    from PIL import Image
-
-    arrays = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if arrays.shape[1] != size:
-        arrays = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays])
-    return to_model_input(torch.from_numpy(np.ascontiguousarray(arrays)))
-
-
 def _lr_factor(step: int, warmup: int, progress: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -159,60 +146,11 @@ class _Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def resume(self, elapsed: float) -> None:
-        """Count ``elapsed`` seconds spent before a restart."""
-        self.start = time.perf_counter() - elapsed
-
     def progress(self, step: int) -> float:
         return step / self.steps if self.steps else self.elapsed() / self.seconds
 
     def done(self, step: int) -> bool:
         return step >= self.steps if self.steps else self.elapsed() >= self.seconds
-
-
-class _Checkpoint:
-    """Training state saved every ``every`` steps so that a killed fixed-step run resumes where it
-    stopped (the machines are shared). A private temporary file, never shipped; deleted at the end."""
-
-    def __init__(self, path: Path | None, signature: dict, every: int = 100) -> None:
-        self.path, self.signature, self.every = path, signature, every
-
-    def restore(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                rng: np.random.Generator) -> dict | None:
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, weights_only=True)
-        except Exception as error:  # a partial write: start afresh
-            logger.warning("ignoring unreadable checkpoint %s: %s", self.path, error)
-            return None
-        if state.get("signature") != json.dumps(self.signature, sort_keys=True):
-            logger.info("checkpoint %s belongs to another configuration; starting afresh", self.path)
-            return None
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = json.loads(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        logger.info("resumed from %s at step %d", self.path, state["extra"]["step"])
-        return state["extra"]
-
-    def save(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-             extra: dict) -> None:
-        if self.path is None or extra["step"] % self.every:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"signature": json.dumps(self.signature, sort_keys=True),
-                 "modules": {name: module.state_dict() for name, module in modules.items()},
-                 "optimizer": optimizer.state_dict(), "rng": json.dumps(rng.bit_generator.state),
-                 "torch_rng": torch.get_rng_state(), "extra": extra}
-        partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
-        partial.replace(self.path)
-
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- toy:cnn
@@ -225,7 +163,7 @@ def build_cnn(num_classes: int) -> nn.Module:
 
 
 def train_cnn(pool: Pool, seconds: float, seed: int, steps: int | None = None, batch_size: int = 128,
-              lr: float = 1e-2, concept_weight: float = 1.0, checkpoint: Path | None = None) -> tuple[nn.Module, dict]:
+              lr: float = 3e-3, concept_weight: float = 1.0) -> tuple[nn.Module, dict]:
     """Train the CNN for ``seconds`` (or ``steps``): class cross-entropy on class images plus, as
     auxiliary supervision, binary cross-entropy of the world's concepts on every image (class and
     free scenes) from a linear head on the embedding. The head is dropped afterwards; it makes the
@@ -241,20 +179,13 @@ def train_cnn(pool: Pool, seconds: float, seed: int, steps: int | None = None, b
     params = _param_groups(model, 0.05) + _param_groups(concept_head, 0.05)
     optimizer = torch.optim.AdamW(params, lr=lr)
     clock, step, running = _Clock(seconds, steps), 0, 0.0
-    modules = {"model": model, "concept_head": concept_head}
-    saver = _Checkpoint(checkpoint if steps else None, {"model": "cnn", "arch": CNN_ARCH, "seed": seed, "steps": steps,
-                        "batch": batch_size, "lr": lr, "pool": len(pool.labels), "world": toy.WORLD_VERSION})
-    extra = saver.restore(modules, optimizer, rng)
-    if extra:
-        step, running = extra["step"], extra["running"]
-        clock.resume(extra["elapsed"])
     model.train()
     while not clock.done(step):
         factor = _lr_factor(step, 30, clock.progress(step))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         idx = rng.integers(0, len(pool.labels), size=batch_size)
-        x = cnn_input(pool.images[torch.from_numpy(idx)])
+        x = to_model_input(pool.images[torch.from_numpy(idx)])
         y = torch.from_numpy(pool.labels[idx])
         concepts = torch.from_numpy(pool.concepts[idx])
         captured.clear()
@@ -271,8 +202,6 @@ def train_cnn(pool: Pool, seconds: float, seed: int, steps: int | None = None, b
         if step % 100 == 0:
             logger.info("cnn step %d  %.0fs  class loss %.3f  concept loss %.3f  lr %.2e", step, clock.elapsed(),
                         running, concept_loss.item(), lr * factor)
-        saver.save(modules, optimizer, rng, {"step": step, "running": running, "elapsed": clock.elapsed()})
-    saver.remove()
     hook.remove()
     model.eval()
     return model, {"steps": step, "train_seconds": round(clock.elapsed(), 1), "batch_size": batch_size,
@@ -292,12 +221,10 @@ def save_cnn(model: nn.Module, out_dir: Path) -> None:
         "library": "torchvision",
         "architecture": CNN_ARCH,
         "kwargs": {"num_classes": toy.NUM_CLASSES},
-        "image_size": CNN_IMAGE_SIZE,
+        "image_size": IMAGE_SIZE,
         "mean": list(MEAN),
         "std": list(STD),
-        "interpolation": "bilinear",
-        "preprocess": "Resize(image_size, bilinear) + CenterCrop(image_size) + ToTensor + Normalize(mean, std); "
-                      "world images are 64x64 and get upsampled",
+        "interpolation": "bicubic",
         "class_names": list(toy.CLASS_NAMES),
         "layer": CNN_EMBED_LAYER,
         "embedding": "penultimate features: output of `conv5` averaged over height and width "
@@ -331,7 +258,7 @@ def cnn_embeddings(model: nn.Module, images: np.ndarray, layer: str = CNN_EMBED_
         lambda _m, _i, out: captured.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)))
     try:
         for start in range(0, len(images), batch_size):
-            model(cnn_input(images[start:start + batch_size]))
+            model(to_model_input(torch.from_numpy(images[start:start + batch_size])))
     finally:
         handle.remove()
     return torch.cat(captured)
@@ -388,7 +315,7 @@ def quick_concept_auc(model: nn.Module, tokenizer, images: torch.Tensor, concept
 
 def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: int | None = None,
                batch_size: int = 256, lr: float = 1e-3, warmup: int = 50, monitor: tuple | None = None,
-               monitor_every: int = 200, n_twin_pairs: int = 48, checkpoint: Path | None = None) -> dict:
+               monitor_every: int = 200, n_twin_pairs: int = 48) -> dict:
     """Contrastive training on pool images with captions re-drawn every step (open_clip ``ClipLoss``).
 
     Each batch holds ``n_twin_pairs`` counterfactual twin pairs (same scene, one concept group
@@ -403,13 +330,6 @@ def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: i
     optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     clock, step, running, history = _Clock(seconds, steps), 0, 0.0, []
-    saver = _Checkpoint(checkpoint if steps else None, {"model": "clip", "seed": seed, "steps": steps, "lr": lr,
-                        "batch": batch_size, "twins": n_twin_pairs, "pool": len(pool.labels),
-                        "world": toy.WORLD_VERSION, "cfg": CLIP_MODEL_CFG})
-    extra = saver.restore({"model": model}, optimizer, rng)
-    if extra:
-        step, running, history = extra["step"], extra["running"], json.loads(extra["history"])
-        clock.resume(extra["elapsed"])
     model.train()
     while not clock.done(step):
         factor = _lr_factor(step, warmup, clock.progress(step))
@@ -443,9 +363,6 @@ def train_clip(model: nn.Module, pool: Pool, seconds: float, seed: int, steps: i
             logger.info("clip step %d  val concept AUC %.4f (min %.3f)  %s", step, auc["mean"], auc["min"], groups)
             history.append({"step": step, "seconds": round(clock.elapsed(), 1), "val_concept_auc": round(auc["mean"], 4),
                             "val_concept_auc_per_group": {g: round(v, 4) for g, v in auc["per_group"].items()}})
-        saver.save({"model": model}, optimizer, rng, {"step": step, "running": running, "elapsed": clock.elapsed(),
-                                                      "history": json.dumps(history)})
-    saver.remove()
     model.eval()
     return {"steps": step, "train_seconds": round(clock.elapsed(), 1), "batch_size": batch_size, "lr": lr,
             "warmup_steps": warmup, "twin_pairs_per_batch": n_twin_pairs, "images_seen": step * batch_size, "final_loss": round(running, 4),
@@ -531,7 +448,7 @@ def evaluate_cnn(out_dir: Path, sets: dict[str, EvalSet], reference: nn.Module |
     metrics = evaluate(train=(feats["train"], sets["train"].data.labels), val=(feats["val"], sets["val"].data.labels),
                        test=(feats["test"], sets["test"].data.labels))
     with torch.inference_mode():
-        logits = model(cnn_input(sets["test"].images))
+        logits = model(to_model_input(torch.from_numpy(sets["test"].images)))
     metrics["classifier_accuracy"] = float((logits.argmax(1).numpy() == sets["test"].data.labels).mean())
     if reference is not None:
         ref = cnn_embeddings(reference.eval(), sets["test"].images)
@@ -551,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=None,
                         help="fit the run into this many wall-clock minutes (default: fixed step counts)")
-    parser.add_argument("--cnn-minutes", type=float, default=3.0, help="CNN training time with --minutes")
+    parser.add_argument("--cnn-minutes", type=float, default=2.5, help="CNN training time with --minutes")
     parser.add_argument("--clip-steps", type=int, default=1100, help="CLIP steps (ignored with --minutes)")
     parser.add_argument("--cnn-steps", type=int, default=1000, help="CNN steps (ignored with --minutes)")
     parser.add_argument("--pool-class", type=int, default=20000, help="rendered class images")
@@ -561,8 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ASSETS_DIR)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="cnn,clip", help="which models to train: cnn, clip or cnn,clip")
-    parser.add_argument("--checkpoint-dir", type=Path, default=Path(tempfile.gettempdir()) / "cbm_toymodels_train",
-                        help="where fixed-step runs keep resumable training state (deleted when done)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -582,8 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--models takes cnn, clip or cnn,clip")
     results: dict[str, tuple[Path, dict, dict]] = {}
     if "cnn" in which:
-        cnn, cnn_info = train_cnn(pool, args.cnn_minutes * 60.0, args.seed, steps=None if timed else args.cnn_steps,
-                                  checkpoint=args.checkpoint_dir / f"cnn_seed{args.seed}.pt")
+        cnn, cnn_info = train_cnn(pool, args.cnn_minutes * 60.0, args.seed, steps=None if timed else args.cnn_steps)
         save_cnn(cnn, cnn_dir)
         cnn_quality = evaluate_cnn(cnn_dir, sets, reference=cnn)
         logger.info("toy:cnn linear probe %.4f, classifier %.4f (%.0fs so far)", cnn_quality["linear_probe"]["accuracy"],
@@ -596,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         monitor = (torch.from_numpy(sets["val"].images[monitor_idx]), sets["val"].data.concept_labels[monitor_idx])
         logger.info("training toy:clip for %s", f"{clip_seconds:.0f}s" if timed else f"{args.clip_steps} steps")
         clip_info = train_clip(clip, pool, clip_seconds, args.seed, steps=None if timed else args.clip_steps,
-                               monitor=monitor, checkpoint=args.checkpoint_dir / f"clip_seed{args.seed}.pt")
+                               monitor=monitor)
         save_clip(clip, clip_dir)
         results["toy:clip"] = (clip_dir, clip_info, evaluate_clip(clip_dir, sets, reference=clip))
     wall = round(time.perf_counter() - start, 1)
