@@ -3,13 +3,12 @@ probabilities, explanations, edits and bundles on synthetic concept data; accept
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import rewrite_manifest
 
 from cbm.backbones import TOY_SPECS, load_backbone
 from cbm.models import BundleError, load
@@ -244,18 +243,6 @@ def test_bundle_round_trip_keeps_inference_edits_and_bank(world, model, tmp_path
     assert again.bank.names == bank.names and again.training_["concepts"]["rule"] == "CAV margin > 0"
 
 
-def _rewrite_manifest(path, change):
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    manifest = json.loads(header["__metadata__"]["cbm_manifest"])
-    change(manifest, header)
-    header["__metadata__"]["cbm_manifest"] = json.dumps(manifest)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda m, h: m["params"].update(hidden=64), "inconsistent energy bundle"),
     (lambda m, h: m.update(concept_names=m["concept_names"][:-1]), "inconsistent energy bundle"),
@@ -265,7 +252,7 @@ def _rewrite_manifest(path, change):
 ])
 def test_crafted_bundles_are_refused(model, tmp_path, damage, message):
     path = model.save(tmp_path / "m.cbm")
-    _rewrite_manifest(path, damage)
+    rewrite_manifest(path, damage)
     with pytest.raises(BundleError, match=message):
         load(path)
 

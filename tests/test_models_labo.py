@@ -4,12 +4,10 @@ toy-world acceptance (1-shot and all-data against the linear probe) once the shi
 
 from __future__ import annotations
 
-import json
-import struct
-
 import numpy as np
 import pytest
 import torch
+from tiny_models import rewrite_manifest
 
 from cbm.models import BundleError, load
 from cbm.models.labo import FEW_SHOTS, LaBoCBM, LinearProbe, few_shot, few_shot_indices, few_shot_protocol
@@ -204,18 +202,6 @@ def test_bundle_round_trip_keeps_predictions_and_history(world, fitted, tmp_path
     assert torch.equal(loaded.prior_, fitted.prior_) and loaded.history_ == fitted.history_
 
 
-def _rewrite(path, change):
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    manifest = json.loads(header["__metadata__"]["cbm_manifest"])
-    change(manifest, header)
-    header["__metadata__"]["cbm_manifest"] = json.dumps(manifest)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
-
-
 def _swap_weight_for_prior_shape(manifest, header):
     manifest["concept_names"] = manifest["concept_names"][:-1]
 
@@ -227,7 +213,7 @@ def _swap_weight_for_prior_shape(manifest, header):
 ])
 def test_crafted_bundles_are_refused(fitted, tmp_path, damage, message):
     path = fitted.save(tmp_path / "m.cbm")
-    _rewrite(path, damage)
+    rewrite_manifest(path, damage)
     with pytest.raises(BundleError, match=message):
         load(path)
 

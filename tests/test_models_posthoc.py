@@ -1,12 +1,11 @@
 """Post-hoc CBM on synthetic concept data: solver, head, hybrid, explanations, interventions, edits, bundles."""
 
-import json
-import struct
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from tiny_models import rewrite_manifest
 
 from cbm.models import BundleError, PosthocCBM, load
 from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
@@ -142,18 +141,6 @@ def test_bundle_round_trip_keeps_predictions_and_history(world, tmp_path):
     assert torch.equal(loaded.undo().weight_, model.weight_)
 
 
-def _rewrite_manifest(path, change):
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    manifest = json.loads(header["__metadata__"]["cbm_manifest"])
-    change(manifest, header)
-    header["__metadata__"]["cbm_manifest"] = json.dumps(manifest)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda m, h: m.update(format_version="2.0"), "newer than this toolkit"),
     (lambda m, h: m.update(family="evil"), "unknown model family"),
@@ -164,7 +151,7 @@ def _rewrite_manifest(path, change):
 def test_crafted_bundles_are_refused(world, tmp_path, damage, message):
     x, y, _ = world["train"]
     path = PosthocCBM(world["bank"]).fit(x, y, validation=world["val"][:2]).save(tmp_path / "m.cbm")
-    _rewrite_manifest(path, damage)
+    rewrite_manifest(path, damage)
     with pytest.raises(BundleError, match=message):
         load(path)
 

@@ -3,7 +3,6 @@ training-free Concept Matrix Search; synthetic unit tests, then the toy-world ac
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,8 @@ from cbm.models.labo import LinearProbe
 from cbm.models.sparse import (ConceptMatrixSearch, SparseCBM, concept_matrix_search, contrastive_loss, gumbel_loss,
                                top_share)
 from concepts.bank import ConceptBank
-from test_models_labo import TOY_MISSING, _rewrite, make_world, toy_setup
+from test_models_labo import TOY_MISSING, make_world, toy_setup
+from tiny_models import rewrite_manifest
 
 C, K = 6, 24
 
@@ -123,7 +123,7 @@ def test_bundle_round_trip_and_tampering(world, fitted, tmp_path):
     assert torch.allclose(loaded.decision_function(x), edited.decision_function(x), atol=1e-3)
     assert loaded.edits_[0].reason == "boost" and torch.equal(loaded.undo().weight_, model.weight_)
     path = model.save(tmp_path / "bad.cbm")
-    _rewrite(path, lambda m, h: m["tensors"].update(cbl_weight=[K, K + 1]))
+    rewrite_manifest(path, lambda m, h: m["tensors"].update(cbl_weight=[K, K + 1]))
     with pytest.raises(BundleError, match="manifest says"):
         load(path)
 

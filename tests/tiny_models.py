@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,16 @@ class ColourSquares(ConceptDataset):
 
     def fingerprint(self) -> str:
         return digest(self.ids, self.size, self.tag)
+
+
+def rewrite_manifest(path, change):
+    """Tamper with a model bundle's manifest in place (``change(manifest, header)``), keeping the tensors."""
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    manifest = json.loads(header["__metadata__"]["cbm_manifest"])
+    change(manifest, header)
+    header["__metadata__"]["cbm_manifest"] = json.dumps(manifest)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
