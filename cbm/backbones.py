@@ -51,9 +51,12 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU."""
+    """``"auto"`` picks CUDA when present (under ``torchrun``: the GPU of the ``LOCAL_RANK``), else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank) % torch.cuda.device_count()) if local_rank else torch.device("cuda")
     return torch.device(device)
 
 

@@ -21,6 +21,8 @@ EMBED_EPILOG = """examples:
   cbm embed toy:clip toy:images@test
   cbm embed openclip:ViT-B-32@laion2b_s34b_b79k folder:/data/birds --batch-size 128 --dtype float16
   cbm embed torchvision:resnet50@IMAGENET1K_V2 cub:/data/CUB_200_2011@train --out cub_train.safetensors
+  torchrun --nproc_per_node 4 -m cbm.cli embed openclip:ViT-B-32@laion2b_s34b_b79k folder:/data/birds
+      (each rank embeds its share of the missing shards into the shared cache; rank 0 reports)
 
 backbones: openclip:ARCH@TAG, openclip:hf-hub:ORG/REPO, openclip:local-dir:PATH,
            torchvision:ARCH@WEIGHTS, timm:NAME, toy:clip, toy:cnn
@@ -96,11 +98,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a dataset with a backbone into the cache (and optionally export the features)."""
+    import torch
     from safetensors.torch import save_file
 
     from cbm.backbones import load_backbone
     from cbm.data.registry import load_dataset
-    from cbm.embed import embed
+    from cbm.embed import DEFAULT_SHARD_SIZE, embed
 
     options = {"on_error": args.on_error}
     if args.window:
@@ -108,7 +111,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, **options)
     backbone = load_backbone(args.backbone, device=args.device, layer=args.layer)
     result = embed(backbone, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                   num_workers=args.workers, dtype=args.dtype)
+                   num_workers=args.workers, dtype=args.dtype, shard_size=args.shard_size or DEFAULT_SHARD_SIZE)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: every rank holds the same result; rank 0 reports
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     print(f"embedded {len(result)} samples of {dataset.describe()} with {backbone.spec}: "
           f"features {tuple(result.features.shape)}")
     if result.skipped:
@@ -361,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                      help="unreadable images: stop (default) or skip them, logging each path")
     emb.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    emb.add_argument("--shard-size", type=int,
+                     help="samples per cache shard, the unit of work shared between torchrun ranks "
+                          "(part of the cache key; default 4096)")
     emb.add_argument("--out", help="also write features + labels to this .safetensors file (ids in a .json beside)")
     emb.set_defaults(run=cmd_embed)
 

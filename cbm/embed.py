@@ -9,13 +9,28 @@ fingerprint, storage dtype) and stores the features in shards under the cache di
 Each shard is written to a temporary file and renamed into place (atomic), and carries a
 checksum of its tensors in its metadata. On every read the checksum is verified: a truncated or
 corrupted shard is logged and recomputed, never used. An interrupted run resumes from the shards
-that were finished. Memory stays flat while extracting: only one shard is held before it is
-written. Video windows (samples that are lists of frames) are embedded frame by frame and
-averaged per window.
+that were finished. Memory stays flat while extracting: besides the result, only one shard is
+held before it is written. Video windows (samples that are lists of frames) are embedded frame by
+frame and averaged per window.
+
+Faults: a killed run leaves at most a temporary file (removed by a later run once it is an hour
+old), never a shard under its final name; concurrent processes filling one entry each write whole
+shards (the last rename wins, both are valid); a full disk raises an ``OSError`` (ENOSPC) that
+names the cache and leaves no partial shard.
+
+Distributed: when a ``torch.distributed`` process group is initialised, or the environment comes
+from ``torchrun`` (``WORLD_SIZE`` > 1; the group is then initialised here: NCCL for a CUDA
+backbone, gloo otherwise), every rank must call ``embed`` with the same arguments. The ranks agree
+on the shards the cache lacks, each embeds every ``world_size``-th of them into the shared cache,
+and after all have finished each rank reads the others' shards back, so all return the same
+``Embeddings`` as a single process would. The cache directory must be one filesystem seen by all
+ranks (on several machines: a shared mount).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +45,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -42,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 DEFAULT_SHARD_SIZE = 4096
+STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old belongs to a dead writer (a write takes seconds)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 StorageDtype = Literal["float32", "float16"]
 
 
@@ -117,28 +135,53 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` to write; then fsync it and rename it into place.
 
-
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor], skipped: list[int]) -> None:
-    """Write a shard to a temporary file, fsync it, then rename it into place."""
-    metadata = {"checksum": _tensor_checksum(tensors), "skipped": json.dumps(skipped), "format": str(CACHE_FORMAT)}
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    On any failure the temporary file is removed, so a partial file never appears under ``path``;
+    a full disk becomes an ``OSError`` (errno kept) that says which cache and what to do.
+    """
+    tmp = None
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        yield tmp
         with open(tmp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno not in _NO_SPACE:
+            raise
+        raise OSError(error.errno, f"no space left for the embedding cache in {path.parent.parent} "
+                                   f"({os.strerror(error.errno)}); free space there, point CBM_CACHE_DIR "
+                                   "(--cache-dir) at a larger disk, or embed without the cache (cache=False)",
+                      str(path)) from error
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with _atomic_file(path) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], skipped: list[int]) -> None:
+    """Write a shard with its checksum atomically (temporary file, fsync, rename)."""
+    metadata = {"checksum": _tensor_checksum(tensors), "skipped": json.dumps(skipped), "format": str(CACHE_FORMAT)}
+    with _atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def _remove_stale_temporaries(entry: Path) -> None:
+    """Delete temporary files that killed writers left behind (old enough that no live writer owns them)."""
+    now = time.time()
+    for tmp in entry.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                tmp.unlink()
+                logger.info("removed %s, left by an interrupted writer", tmp)
 
 
 def _read_shard(path: Path, expected: range) -> tuple[dict[str, torch.Tensor], list[int]] | None:
@@ -200,6 +243,60 @@ def _default_workers() -> int:
     return min(4, max((os.cpu_count() or 1) - 1, 0))
 
 
+def _process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) an uninitialised group is initialised from the
+    environment: NCCL when the backbone is on CUDA, gloo otherwise.
+    """
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        logger.info("joined a process group of %d ranks as rank %d (%s)", dist.get_world_size(), dist.get_rank(),
+                    dist.get_backend())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce_max(values: list[int]) -> list[int]:
+    """Element-wise maximum over the ranks (on the GPU for NCCL, as it requires)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _missing_on_any_rank(key: str, missing: list[int], shards: int) -> list[int]:
+    """The shards that some rank lacks; raises when the ranks are not embedding the same cache entry."""
+    key_value = int(key[:15], 16)
+    mask = [int(number in missing) for number in range(shards)]
+    reduced = _all_reduce_max([key_value, -key_value, *mask])
+    if reduced[:2] != [key_value, -key_value]:
+        raise ValueError("the ranks of the process group are embedding different data (backbone, dataset, dtype or "
+                         "shard_size differ); every rank must call embed with the same arguments.")
+    return [number for number, flag in enumerate(reduced[2:]) if flag]
+
+
+class _Gathered:
+    """Features of all samples, filled shard by shard into one preallocated tensor (the result + one shard)."""
+
+    def __init__(self, total: int, dim: int) -> None:
+        self.features = torch.empty(total, dim)
+        self.kept = torch.zeros(total, dtype=torch.bool)
+        self.skipped: set[int] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor], skipped: list[int]) -> None:
+        """Place one shard (idempotent: a shard added twice changes nothing)."""
+        index = tensors["index"]
+        self.features[index] = tensors["features"].float()
+        self.kept[index] = True
+        self.skipped.update(skipped)
+
+
 def embed(backbone: Backbone, dataset: ConceptDataset, *, batch_size: int = 64,
           cache_dir: str | Path | None = None, num_workers: int | None = None, progress: bool = True,
           dtype: StorageDtype = "float32", shard_size: int = DEFAULT_SHARD_SIZE, cache: bool = True) -> Embeddings:
@@ -207,7 +304,9 @@ def embed(backbone: Backbone, dataset: ConceptDataset, *, batch_size: int = 64,
 
     ``cache_dir`` defaults to ``default_cache_dir()``; ``cache=False`` computes without touching
     disk. ``dtype="float16"`` halves the storage (features are returned as float32 either way).
-    ``num_workers`` defaults to the machine's cores minus one (at most 4).
+    ``num_workers`` defaults to the machine's cores minus one (at most 4). In a ``torch.distributed``
+    process group (or under ``torchrun``) the ranks share the missing shards through the cache (see
+    the module docstring); without the cache every rank computes everything.
     """
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
@@ -216,42 +315,68 @@ def embed(backbone: Backbone, dataset: ConceptDataset, *, batch_size: int = 64,
     num_workers = _default_workers() if num_workers is None else num_workers
     total = len(dataset)
     shards = [range(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
-    entry = None
-    if cache:
-        entry = Path(cache_dir or default_cache_dir()).expanduser() / "embeddings" / cache_key(
-            backbone, dataset, dtype, shard_size)
+    rank, world = _process_group(backbone.device)
+    key = cache_key(backbone, dataset, dtype, shard_size) if cache else ""
+    entry = Path(cache_dir or default_cache_dir()).expanduser() / "embeddings" / key if cache else None
+    if entry:
         entry.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(entry)
+    shared = entry is not None and world > 1
 
     started = time.perf_counter()
+    gathered = _Gathered(total, backbone.embed_dim)
     paths = [entry / f"shard_{number:05d}.safetensors" if entry else None for number in range(len(shards))]
-    results = {number: found for number, (path, indices) in enumerate(zip(paths, shards))
-               if path and (found := _read_shard(path, indices)) is not None}
-    missing = [number for number in range(len(shards)) if number not in results]
-    with tqdm(total=total, initial=total - sum(len(shards[n]) for n in missing), desc=f"embed {backbone.spec}",
-              unit="sample", disable=not progress) as bar:
-        encoded = _encode_shards(backbone, dataset, [shards[n] for n in missing], batch_size, num_workers, bar)
-        for position, tensors, skipped in encoded:
-            number = missing[position]
-            tensors["features"] = tensors["features"].to(getattr(torch, dtype))
-            if paths[number]:
-                _write_shard(paths[number], tensors, skipped)
-            results[number] = (tensors, skipped)
-    if entry:
+    missing = []
+    for number, (path, indices) in enumerate(zip(paths, shards)):
+        found = _read_shard(path, indices) if path else None
+        if found is None:
+            missing.append(number)
+        else:
+            gathered.add(*found)
+    if shared:
+        missing = _missing_on_any_rank(key, missing, len(shards))
+        logger.info("rank %d of %d embeds %d of the %d missing shards", rank, world, len(missing[rank::world]),
+                    len(missing))
+    mine = missing[rank::world] if shared else missing
+    cached = total - sum(len(shards[n]) for n in missing)
+    done = False
+    try:
+        with tqdm(total=cached + sum(len(shards[n]) for n in mine), initial=cached, desc=f"embed {backbone.spec}",
+                  unit="sample", disable=not progress or rank != 0) as bar:
+            for position, tensors, skipped in _encode_shards(backbone, dataset, [shards[n] for n in mine],
+                                                             batch_size, num_workers, bar):
+                tensors["features"] = tensors["features"].to(getattr(torch, dtype))
+                if entry:
+                    _write_shard(paths[mine[position]], tensors, skipped)
+                gathered.add(tensors, skipped)
+        done = True
+    finally:
+        if shared:
+            failed_elsewhere = _all_reduce_max([int(not done)])[0] and done  # every rank waits here for the others
+            if failed_elsewhere:
+                raise RuntimeError("another rank failed while embedding (see its log); the shards finished so "
+                                   "far stay in the cache and a rerun resumes from them.")
+    if shared:
+        for number in sorted(set(missing) - set(mine)):
+            found = _read_shard(paths[number], shards[number])
+            if found is None:
+                raise RuntimeError(f"shard {number} of {entry}, embedded by another rank, cannot be read here: all "
+                                   "ranks need one cache directory on a filesystem they share (--cache-dir or "
+                                   "CBM_CACHE_DIR on a shared mount).")
+            gathered.add(*found)
+    if entry and rank == 0:
         _atomic_write_text(entry / "manifest.json", json.dumps({
             "format": CACHE_FORMAT, "backbone": backbone.spec, "backbone_fingerprint": backbone.fingerprint,
             "dataset": dataset.describe(), "dataset_fingerprint": dataset.fingerprint(), "samples": total,
             "shards": len(shards), "dtype": dtype, "embed_dim": backbone.embed_dim}, indent=2))
     logger.info("embedded %d samples with %s in %.1fs", total, backbone.spec, time.perf_counter() - started)
-    return _assemble(backbone, dataset, [results[number] for number in range(len(shards))])
+    return _assemble(backbone, dataset, gathered)
 
 
-def _assemble(backbone: Backbone, dataset: ConceptDataset,
-              results: list[tuple[dict[str, torch.Tensor], list[int]]]) -> Embeddings:
-    """Concatenate shards into one Embeddings aligned with the kept samples."""
-    index = torch.cat([tensors["index"] for tensors, _ in results]) if results else torch.empty(0, dtype=torch.int64)
-    features = (torch.cat([tensors["features"].float() for tensors, _ in results]) if results
-                else torch.empty(0, backbone.embed_dim))
-    keep = index.numpy()
+def _assemble(backbone: Backbone, dataset: ConceptDataset, gathered: _Gathered) -> Embeddings:
+    """One Embeddings aligned with the kept samples, in dataset order."""
+    keep = gathered.kept.nonzero().flatten().numpy()
+    features = gathered.features if len(keep) == len(gathered.kept) else gathered.features[gathered.kept]
     concept_labels = None
     if dataset.concept_labels is not None:
         concept_labels = torch.as_tensor(np.asarray(dataset.concept_labels)[keep], dtype=torch.float32)
@@ -269,7 +394,7 @@ def _assemble(backbone: Backbone, dataset: ConceptDataset,
         concept_names=list(dataset.concept_names) if dataset.concept_names else None,
         concept_labels=concept_labels,
         meta=meta,
-        skipped=[dataset.ids[i] for _, skipped in results for i in skipped],
+        skipped=[dataset.ids[i] for i in sorted(gathered.skipped)],
     )
 
 
