@@ -131,7 +131,7 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return hasher.hexdigest()
 
 
@@ -364,7 +364,7 @@ def embed(backbone: Backbone, dataset: ConceptDataset, *, batch_size: int = 64,
                                    "ranks need one cache directory on a filesystem they share (--cache-dir or "
                                    "CBM_CACHE_DIR on a shared mount).")
             gathered.add(*found)
-    if entry and rank == 0:
+    if entry and rank == 0 and (missing or not (entry / "manifest.json").exists()):
         _atomic_write_text(entry / "manifest.json", json.dumps({
             "format": CACHE_FORMAT, "backbone": backbone.spec, "backbone_fingerprint": backbone.fingerprint,
             "dataset": dataset.describe(), "dataset_fingerprint": dataset.fingerprint(), "samples": total,
