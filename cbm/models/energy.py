@@ -72,7 +72,8 @@ from torch.nn import functional as F
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, split_validation)
+                             as_matrix, bank_from_state, bank_state, check_intervention, finite_logits, holdout_split,
+                             split_validation)
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -398,16 +399,13 @@ class EnergyCBM(ConceptBottleneckModel):
 
         # validation: features, labels and concepts; never test data
         if validation is None:
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.seed))
-            held = max(1, int(round(0.1 * len(features))))
-            val_idx, train_idx = order[:held], order[held:]
+            train_idx, val_idx = holdout_split(len(features), self.seed)
             train_x, train_y, train_c = features[train_idx], labels[train_idx], concepts[train_idx]
             val_x, val_y, val_c = features[val_idx], labels[val_idx], concepts[val_idx]
             val_source = f"held out 10% of train (seed {self.seed})"
         else:
             train_x, train_y, train_c = features, labels, concepts
             _, _, val_x, val_y, val_source = split_validation(features, labels, validation, self.seed)
-            val_x = as_matrix(val_x, "validation x", self.n_features_in_)
             val_y = as_labels(val_y, len(val_x), n_classes, "validation y")
             if validation_concepts is None and isinstance(validation, Embeddings) and source["source"] != \
                     "pseudo-labels from a concept bank":
@@ -423,7 +421,7 @@ class EnergyCBM(ConceptBottleneckModel):
                 raise ValueError(f"validation concepts have {len(val_c)} rows but validation x has {len(val_x)}.")
 
         self.feature_mean_ = train_x.mean(0)
-        self.feature_scale_ = train_x.std(0).clamp_min(1e-6)
+        self.feature_scale_ = train_x.std(0).clamp_min(1e-6) if len(train_x) > 1 else torch.ones(train_x.shape[1])
         self.concept_prior_ = train_c.mean(0)
         self.class_prior_ = torch.bincount(train_y, minlength=n_classes).float() / len(train_y)
         k = len(names)
@@ -575,7 +573,8 @@ class EnergyCBM(ConceptBottleneckModel):
             s = torch.zeros(b, k, device=x.device) if start_c is None else torch.logit(start_c.clamp(1e-4, 1 - 1e-4))
             params = [a, s]
             moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
-            active = torch.ones(b, dtype=torch.bool, device=x.device)
+            settled = fixed.all(dim=1)  # nothing left to infer: the read-out below is exact without steps
+            active = ~settled
             stale = torch.zeros(b, dtype=torch.long, device=x.device)
             steps = torch.zeros(b, dtype=torch.long, device=x.device)
             previous = None
@@ -607,12 +606,14 @@ class EnergyCBM(ConceptBottleneckModel):
                 a, s = updated
                 params = [a, s]
             with torch.no_grad():
-                energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
                 p_c = torch.where(fixed, given, torch.sigmoid(s))
                 if lam[0] or lam[2]:  # exact minimisation over the discrete class given the concepts
                     logits = -(lam[0] * net.class_energy_all(h) + lam[2] * net.global_energy_all(p_c, links))
+                    a = torch.where(settled[:, None], logits, a)
+                    energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
                 else:
                     logits = torch.log_softmax(a, dim=1)
+                    energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
             return logits, p_c, torch.softmax(a, dim=1), energy, steps
         finally:
             for p in net.parameters():
@@ -638,7 +639,7 @@ class EnergyCBM(ConceptBottleneckModel):
 
     def decision_function(self, x: Any) -> torch.Tensor:
         """Class logits [N, C] after gradient inference (see ``infer``)."""
-        return self.infer(x).logits
+        return finite_logits(self.infer(x).logits)
 
     def predict_from_concepts(self, c: Any) -> torch.Tensor:
         """Class logits from concepts alone: ``-E_cy(c, y)`` (the global energy's Boltzmann over classes)."""
@@ -664,6 +665,7 @@ class EnergyCBM(ConceptBottleneckModel):
         raise ValueError(f"reference value must be 'high'/'present' or 'low'/'absent', got {which!r}.")
 
     def _intervention_mask(self, n: int, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        check_intervention(values)
         k = len(self.concept_names_)
         if isinstance(values, tuple):
             mask = torch.as_tensor(np.asarray(values[0]), dtype=torch.bool)
