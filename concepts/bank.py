@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -54,6 +55,24 @@ class BankFormatError(ValueError):
 
 class BackboneMismatchError(ValueError):
     """Features from another embedding space than the bank's."""
+
+
+def real_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` as a float32 tensor of real numbers on its device (not yet checked for NaN), or a ValueError
+    naming it."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a numeric array of one shape, got nested sequences of different "
+                             "lengths.") from None
+        if array.dtype.kind not in "biufc":
+            raise ValueError(f"{name} must be a numeric array, got {array.dtype} values.")
+        value = torch.as_tensor(array)
+    tensor = value
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}; convert it to float first.")
+    return tensor.detach().to(torch.float32)
 
 
 def encode_concepts(encoder: TextEncoder, names: Sequence[str],
@@ -94,7 +113,10 @@ class ConceptBank:
             raise ValueError(f"concept names must be unique; repeated: {duplicates[:10]}.")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-        vectors = torch.as_tensor(vectors).detach().float().cpu()
+        if backbone is not None and not isinstance(backbone, str):
+            raise TypeError(f"backbone must be the fingerprint string of the embedding space or None, "
+                            f"got {type(backbone).__name__}.")
+        vectors = real_tensor(vectors, "vectors").cpu()
         if vectors.ndim != 2 or vectors.shape[0] != len(names):
             raise ValueError(f"vectors must be [K={len(names)}, D], got shape {tuple(vectors.shape)}.")
         if not torch.isfinite(vectors).all():
@@ -103,10 +125,11 @@ class ConceptBank:
         if (norms == 0).any():
             zero = [names[i] for i in torch.nonzero(norms == 0).flatten().tolist()]
             raise ValueError(f"concept vectors must be non-zero; zero for {zero[:10]}.")
-        intercepts = (torch.zeros(len(names)) if intercepts is None
-                      else torch.as_tensor(intercepts).detach().float().cpu().reshape(-1))
+        intercepts = torch.zeros(len(names)) if intercepts is None else real_tensor(intercepts, "intercepts").cpu().reshape(-1)
         if intercepts.shape[0] != len(names):
             raise ValueError(f"intercepts must be [K={len(names)}], got shape {tuple(intercepts.shape)}.")
+        if not torch.isfinite(intercepts).all():
+            raise ValueError("intercepts contain NaN or infinite values.")
         if kind == "text":
             if intercepts.abs().max() > 0:
                 raise ValueError("text banks have zero intercepts.")
@@ -120,7 +143,7 @@ class ConceptBank:
         self.provenance: dict[str, Any] = copy.deepcopy(dict(provenance or {}))
         self.stats: dict[str, torch.Tensor] = {}
         for key, values in (stats or {}).items():
-            values = torch.as_tensor(values).detach().float().cpu().reshape(-1)
+            values = real_tensor(values, f"stats[{key!r}]").cpu().reshape(-1)
             if values.shape[0] != len(names):
                 raise ValueError(f"stats[{key!r}] must have one value per concept ({len(names)}), "
                                  f"got {values.shape[0]}.")
@@ -157,6 +180,8 @@ class ConceptBank:
 
     def index(self, name: str) -> int:
         """Position of a concept; a clear ``KeyError`` naming close matches otherwise."""
+        if not isinstance(name, str):
+            raise TypeError(f"concepts are named by strings, got {type(name).__name__} {name!r}.")
         try:
             return self.names.index(name)
         except ValueError:
@@ -167,19 +192,22 @@ class ConceptBank:
     # ----------------------------------------------------------------------------- scoring
 
     def check_features(self, features: torch.Tensor, backbone: str | None = None) -> torch.Tensor:
-        """Validate that features [N,D] come from this bank's embedding space; return them as float."""
+        """Validate that features [N,D] (N >= 1, finite) come from this bank's embedding space; return them as
+        float32 on their device."""
         if backbone is not None and self.backbone is not None and backbone != self.backbone:
             raise BackboneMismatchError(
                 f"these features come from backbone {backbone[:16]}... but the concept bank belongs to "
                 f"{self.backbone[:16]}...; build or load a bank for that backbone.")
-        features = torch.as_tensor(features)
-        if features.ndim != 2:
-            raise ValueError(f"features must be [N,D], got shape {tuple(features.shape)}.")
+        features = real_tensor(features, "features")
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(f"features must be [N,D] with N >= 1, got shape {tuple(features.shape)}.")
         if features.shape[1] != self.dim:
             raise BackboneMismatchError(
                 f"features have dimension {features.shape[1]} but the concept bank has dimension {self.dim}; "
                 "they come from another backbone.")
-        return features.float()
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or infinite values; clean or drop those rows first.")
+        return features
 
     def scores(self, features: torch.Tensor, backbone: str | None = None) -> torch.Tensor:
         """Concept activations [N,K] (cosine for text banks, hyperplane margin for CAV banks).
@@ -196,9 +224,12 @@ class ConceptBank:
 
     def subset(self, concepts: Sequence[str] | Sequence[int]) -> ConceptBank:
         """A bank with only these concepts (names or positions), in the order given."""
-        indices = [c if isinstance(c, int) else self.index(c) for c in concepts]
+        indices = [c if isinstance(c, int) and not isinstance(c, bool) else self.index(c) for c in concepts]
         if not indices:
             raise ValueError("a subset must keep at least one concept.")
+        outside = [i for i in indices if not 0 <= i < len(self)]
+        if outside:
+            raise ValueError(f"concept positions {outside[:5]} are outside 0..{len(self) - 1}.")
         return self._take(indices, {"op": "subset", "kept": len(indices)})
 
     def drop(self, names: Iterable[str]) -> ConceptBank:
@@ -255,18 +286,23 @@ class ConceptBank:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the folder ``path`` (``bank.json`` + ``vectors.safetensors``), atomically per file."""
+        manifest = {"format": FORMAT, "kind": self.kind, "backbone": self.backbone, "names": self.names,
+                    "dim": self.dim, "stats": sorted(self.stats), "provenance": self.provenance}
+        try:
+            text = json.dumps(manifest, indent=1, ensure_ascii=False)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"the bank's provenance must hold only JSON values (str, numbers, lists, dicts) to be "
+                            f"saved ({error}); convert the others first.") from None
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"vectors": self.vectors.contiguous(), "intercepts": self.intercepts.contiguous()}
         tensors.update({f"stats.{key}": value.contiguous() for key, value in self.stats.items()})
-        manifest = {"format": FORMAT, "kind": self.kind, "backbone": self.backbone, "names": self.names,
-                    "dim": self.dim, "stats": sorted(self.stats), "provenance": self.provenance}
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
             tmp_vectors = handle.name
         save_file(tensors, tmp_vectors)
         os.replace(tmp_vectors, folder / VECTORS_FILE)
         with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1, ensure_ascii=False)
+            handle.write(text)
         os.replace(handle.name, folder / BANK_JSON)
         return folder
 

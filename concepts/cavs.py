@@ -19,6 +19,8 @@ the same for ``neg_``, and the counts): the reference values used for interventi
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from concepts.bank import ConceptBank
+from concepts.bank import ConceptBank, real_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +163,21 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
     if solver not in ("torch", "sklearn", "fastcav"):
         raise ValueError(f"solver must be 'torch', 'sklearn' or 'fastcav', got {solver!r}.")
     cs = (1.0,) if solver == "fastcav" else tuple(sorted(float(c) for c in cs))
-    if not cs or min(cs) <= 0:
-        raise ValueError(f"C values must be positive, got {cs}.")
+    if not cs or not all(0 < c < math.inf for c in cs):
+        raise ValueError(f"C values must be positive finite numbers, got {cs}.")
     dims = set()
     generator = torch.Generator().manual_seed(seed)
     train, val = [], []
     for name in names:
-        pos, neg = (torch.as_tensor(side[name]).detach().float().cpu() for side in (positives, negatives))
+        pos, neg = (real_tensor(side[name], f"{label}[{name!r}]").cpu()
+                    for side, label in ((positives, "positives"), (negatives, "negatives")))
         for label, block in (("positive", pos), ("negative", neg)):
             if block.ndim != 2 or block.shape[0] < 2:
                 raise ValueError(f"concept {name!r} needs at least 2 {label} examples as an [n, D] tensor, "
                                  f"got shape {tuple(block.shape)}.")
+            if not torch.isfinite(block).all():
+                raise ValueError(f"the {label} examples of concept {name!r} contain NaN or infinite values; "
+                                 "drop those rows first.")
             dims.add(block.shape[1])
         (pos_train, pos_val), (neg_train, neg_val) = (_split(b, val_fraction, generator) for b in (pos, neg))
         train.append((pos_train, neg_train))
@@ -223,11 +229,17 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
     negatives are sampled from the rest (seeded). A concept with fewer than 2 positives or
     negatives raises, or with ``on_missing="skip"`` is left out and recorded in the provenance.
     """
-    features = torch.as_tensor(features).float()
-    labels = torch.as_tensor(concept_labels)
+    features = real_tensor(features, "features").cpu()
+    labels = real_tensor(concept_labels, "concept_labels").cpu()
     if features.ndim != 2 or labels.ndim != 2 or labels.shape != (features.shape[0], len(names)):
         raise ValueError(f"need features [N,D] and concept labels [N,K={len(names)}], got "
                          f"{tuple(features.shape)} and {tuple(labels.shape)}.")
+    if not (torch.isfinite(features).all() and torch.isfinite(labels).all()):
+        raise ValueError("features and concept_labels must not contain NaN or infinite values; drop those rows first.")
+    if on_missing not in ("raise", "skip"):
+        raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}.")
+    if max_positives is not None and not (isinstance(max_positives, numbers.Integral) and max_positives >= 2):
+        raise ValueError(f"max_positives must be an integer of at least 2 (or None for all), got {max_positives!r}.")
     rng = np.random.default_rng(seed)
     positives, negatives, skipped = {}, {}, {}
     for k, name in enumerate(names):

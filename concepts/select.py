@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
-from concepts.bank import DEFAULT_TEMPLATES, ConceptBank, TextEncoder
+from concepts.bank import DEFAULT_TEMPLATES, ConceptBank, TextEncoder, real_tensor
 from concepts.generate import SHARED, Candidates
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,15 @@ Method = Literal["submodular", "top", "random"]
 
 
 def class_means(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Mean concept score per class [C,K]; a class without samples raises."""
-    labels = torch.as_tensor(labels).long()
+    """Mean concept score per class [C,K]; labels outside 0..C-1 or a class without samples raise."""
+    labels = real_tensor(labels, "labels")
+    if labels.shape != (len(scores),) or not torch.equal(labels, labels.round()):
+        raise ValueError(f"labels must be {len(scores)} integer class indices, one per feature row, got shape "
+                         f"{tuple(labels.shape)}{'' if torch.equal(labels, labels.round()) else ' with fractional values'}.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must index the {n_classes} classes (0..{n_classes - 1}), got values from "
+                         f"{int(labels.min())} to {int(labels.max())}.")
+    labels = labels.long().to(scores.device)
     counts = torch.bincount(labels, minlength=n_classes)[:n_classes]
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()
@@ -70,6 +79,9 @@ class SelectionObjective:
         self.gains = torch.as_tensor(gains, dtype=torch.float64)
         self.similarity = torch.as_tensor(similarity, dtype=torch.float64).clamp(min=0)
         self.weight = float(weight)
+        if not (torch.isfinite(self.gains).all() and torch.isfinite(self.similarity).all() and math.isfinite(self.weight)):
+            raise ValueError("the selection objective has NaN or infinite gains, similarities or weight; check the "
+                             "features, the temperature and beta.")
 
     def value(self, subset: Sequence[int]) -> float:
         if not subset:
@@ -112,8 +124,12 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
     (class -> selected concepts), ``associations`` (concept -> every class that proposed it) and
     the selection parameters.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}.")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an integer of at least 1, got {k!r}.")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be a non-negative finite number, got {beta!r}.")
+    if temperature is not None and not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number or None, got {temperature!r}.")
     if method not in ("submodular", "top", "random"):
         raise ValueError(f"method must be 'submodular', 'top' or 'random', got {method!r}.")
     class_names = list(class_names or candidates.class_names)

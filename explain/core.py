@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cbm.embed import Embeddings
-from cbm.models.base import ConceptBottleneckModel
+from cbm.models.base import ConceptBottleneckModel, as_labels, as_real_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,29 @@ def as_data(data: DataLike | EvalData, name: str | None = None) -> EvalData:
                         None if data.concept_labels is None else torch.as_tensor(data.concept_labels).float(),
                         data.concept_names, list(data.ids), name or "data", source=data)
     if isinstance(data, tuple) and 1 <= len(data) <= 4:
-        x = torch.as_tensor(np.asarray(data[0]) if not isinstance(data[0], torch.Tensor) else data[0]).float()
-        y = None if len(data) < 2 or data[1] is None else torch.as_tensor(np.asarray(data[1])).long()
-        concepts = None if len(data) < 3 or data[2] is None else torch.as_tensor(np.asarray(data[2])).float()
+        x = as_real_tensor(data[0], "x")
+        y = None if len(data) < 2 or data[1] is None else data[1]
+        concepts = None if len(data) < 3 or data[2] is None else as_real_tensor(data[2], "concept labels")
         names = list(data[3]) if len(data) > 3 and data[3] is not None else None
         return EvalData(x, y, concepts, names, [str(i) for i in range(len(x))], name or "data")
     raise TypeError(f"data must be an Embeddings or a tuple (x, y[, concept_labels]), got {type(data).__name__}.")
+
+
+def check_data(data: EvalData, n_classes: int) -> None:
+    """Refuse empty data, labels that are not class indices of the model, and concept labels that do not fit
+    the features or their names (one ValueError naming the part); labels become a long tensor."""
+    if len(data) == 0:
+        raise ValueError(f"{data.name} is empty; explanations need at least one sample.")
+    if data.labels is not None:
+        data.labels = as_labels(data.labels, len(data), n_classes, f"y of {data.name}")
+    if data.concept_labels is not None:
+        concepts = data.concept_labels
+        columns = len(data.concept_names) if data.concept_names is not None else concepts.shape[-1]
+        if concepts.ndim != 2 or concepts.shape != (len(data), columns):
+            raise ValueError(f"the concept labels of {data.name} must be [{len(data)}, {columns}] (one row per sample, "
+                             f"one column per concept name), got {tuple(concepts.shape)}.")
+        if not torch.isfinite(concepts).all():
+            raise ValueError(f"the concept labels of {data.name} contain NaN or infinite values; use 0/1.")
 
 
 class ModelView:
@@ -85,6 +102,7 @@ class ModelView:
         self.data = data
         self.concept_names = model.concept_names
         self.class_names = model.class_names
+        check_data(data, len(self.class_names))
         source = data.source
         if (isinstance(source, Embeddings) and model.backbone_fingerprint_
                 and source.backbone_fingerprint != model.backbone_fingerprint_):
@@ -153,6 +171,21 @@ class ModelView:
             logits = self.intervened_logits(rows[part].repeat_interleave(k), trial)
             out.append(logits.reshape(-1, k, logits.shape[1]))
         return torch.cat(out)
+
+    def check_rows(self, rows: Sequence[int]) -> list[int]:
+        """``rows`` as a list of sample positions, or a ValueError naming those outside the data."""
+        rows = [int(row) for row in rows]
+        outside = [row for row in rows if not 0 <= row < len(self.data)]
+        if outside:
+            raise ValueError(f"rows {outside[:5]} are outside {self.data.name}, which has samples 0..{len(self.data) - 1}.")
+        return rows
+
+    def labels(self, purpose: str) -> torch.Tensor:
+        """The data's class labels, or a ValueError saying that ``purpose`` needs them."""
+        if self.data.labels is None:
+            raise ValueError(f"{purpose} needs class labels, and {self.data.name} has none; pass (x, y) or "
+                             "labelled Embeddings.")
+        return self.data.labels
 
     @property
     def predictions(self) -> torch.Tensor:

@@ -79,7 +79,9 @@ def explain_samples(model: ConceptBottleneckModel | ModelView, data: DataLike | 
                     rows: list[int] | None = None, k: int = 5, counterfactuals: bool = True) -> list[SampleExplanation]:
     """Top-``k`` contributions to the predicted class for the samples ``rows`` (default: the first 8)."""
     view = view_of(model, data)
-    rows = list(range(min(8, len(view.data)))) if rows is None else list(rows)
+    rows = list(range(min(8, len(view.data)))) if rows is None else view.check_rows(rows)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (concepts shown per sample) must be a positive integer, got {k!r}.")
     index = torch.tensor(rows, dtype=torch.long)
     contributions = view.contributions(index)
     probabilities = torch.softmax(view.logits[index], dim=1)
@@ -127,6 +129,8 @@ def global_importance(model: ConceptBottleneckModel | ModelView, data: DataLike 
                       by: str = "label") -> Importance:
     """Per-class concept importance on ``data``; samples are grouped by their ``label`` (or
     ``prediction`` when the data has no labels or ``by="prediction"``)."""
+    if by not in ("label", "prediction"):
+        raise ValueError(f"by must be 'label' or 'prediction', got {by!r}.")
     view = view_of(model, data)
     groups = view.predictions if by == "prediction" or view.data.labels is None else view.data.labels
     n_classes, n_concepts = len(view.class_names), len(view.concept_names)
@@ -179,6 +183,7 @@ def counterfactual(model: ConceptBottleneckModel | ModelView, data: DataLike | E
     (default: any other class) over the rest; it stops as soon as the prediction flips.
     """
     view = view_of(model, data)
+    (row,) = view.check_rows([row])
     low, high = concept_bounds(view)
     original = int(view.predictions[row])
     goal = None if target is None else view.model.class_index(target)

@@ -155,8 +155,11 @@ def intervention_curves(model: ConceptBottleneckModel | ModelView, data: DataLik
     """Accuracy after correcting 0..``max_concepts`` concepts (default: min(K, 20)) per policy and
     expert competence, over ``seeds``; at most ``max_samples`` samples (seeded subsample)."""
     view = view_of(model, data)
-    if view.data.labels is None:
-        raise ValueError("intervention curves need class labels in the data.")
+    view.labels("intervention curves")
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed, e.g. seeds=(0,).")
+    if max_concepts is not None and max_concepts < 1:
+        raise ValueError(f"max_concepts must be at least 1 (or None for min(K, 20)), got {max_concepts!r}.")
     if len(view.data) > (max_samples or len(view.data)):
         chosen = torch.randperm(len(view.data), generator=torch.Generator().manual_seed(0))[:max_samples]
         view = ModelView(view.model, view.data.subset(chosen.sort().values))

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def classification(view: ModelView) -> dict[str, Any]:
     """Accuracy, balanced accuracy, per-class accuracy and confusion matrix (rows: true class)."""
-    y, predicted = view.data.labels, view.predictions
+    y, predicted = view.labels("classification metrics"), view.predictions
     n_classes = len(view.class_names)
     confusion = torch.bincount(y * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, -1)
     support = confusion.sum(dim=1)
@@ -106,8 +106,8 @@ def _fit_and_test(train: torch.Tensor | None, train_y: torch.Tensor | None, test
 
 def completeness(view: ModelView, train: ModelView | None = None) -> dict[str, float]:
     """How much of a black-box linear probe's accuracy (over chance) the model's concepts carry."""
-    y, n_classes = view.data.labels, len(view.class_names)
-    probe = _fit_and_test(None if train is None else train.data.features, None if train is None else train.data.labels,
+    y, n_classes = view.labels("completeness"), len(view.class_names)
+    probe = _fit_and_test(None if train is None else train.data.features, None if train is None else train.labels("completeness (training split)"),
                           view.data.features, y, n_classes)
     chance = float(torch.bincount(y, minlength=n_classes).max()) / len(y)
     accuracy = float((view.predictions == y).float().mean())
@@ -124,7 +124,7 @@ def leakage(view: ModelView, train: ModelView | None = None) -> dict[str, float]
         return ((v.concepts - middle) * sign > 0).float()
 
     n_classes = len(view.class_names)
-    y, train_y = view.data.labels, None if train is None else train.data.labels
+    y, train_y = view.labels("leakage"), None if train is None else train.labels("leakage (training split)")
     soft = _fit_and_test(None if train is None else train.concepts, train_y, view.concepts, y, n_classes)
     binary = _fit_and_test(None if train is None else hard(train), train_y, hard(view), y, n_classes)
     return {"soft_probe_accuracy": soft, "hard_probe_accuracy": binary, "leakage": soft - binary}
@@ -137,7 +137,7 @@ def stability(models: Sequence[ConceptBottleneckModel], data: DataLike | EvalDat
     views = [view_of(model, data) for model in models]
     if any(v.concept_names != views[0].concept_names or v.class_names != views[0].class_names for v in views):
         raise ValueError("stability compares models with the same concepts and classes.")
-    accuracies = [float((v.predictions == v.data.labels).float().mean()) for v in views]
+    accuracies = [float((v.predictions == v.labels("stability")).float().mean()) for v in views]
     importances = [global_importance(v) for v in views]
     correlations, overlaps = [], []
     for a, b in combinations(importances, 2):
@@ -153,7 +153,7 @@ def stability(models: Sequence[ConceptBottleneckModel], data: DataLike | EvalDat
 def ablation_drop(view: ModelView, values: torch.Tensor) -> np.ndarray:
     """Accuracy lost [K] when each concept alone is replaced by ``values`` [K] (e.g. its mean): how
     much the predictions rely on it."""
-    y = view.data.labels
+    y = view.labels("ablation")
     base = (view.predictions == y).float().mean()
     correct = torch.zeros(view.concepts.shape[1])
     per_chunk = max(1, 4_000_000 // (view.concepts.shape[1] * len(view.class_names)))  # [n, K, C] stays ~16 MB

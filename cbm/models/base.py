@@ -28,7 +28,7 @@ from sklearn.exceptions import NotFittedError
 from cbm.backbones import Backbone, load_backbone
 from cbm.embed import Embeddings
 from cbm.models.bundle import BundleError, read_bundle, write_bundle
-from concepts.bank import ConceptBank
+from concepts.bank import ConceptBank, real_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -36,56 +36,92 @@ FAMILIES: dict[str, type[ConceptBottleneckModel]] = {}
 ArrayLike = torch.Tensor | np.ndarray
 
 
-def as_matrix(value: Any, name: str, columns: int | None = None) -> torch.Tensor:
-    """``value`` as a finite float32 [N, columns] tensor, or a ValueError naming the argument."""
-    if isinstance(value, Embeddings):
-        value = value.features
-    try:
-        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value,
-                                 dtype=torch.float32)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a numeric [N, D] array ({error}).") from None
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(tensor.shape)}.")
-    if columns is not None and tensor.shape[1] != columns:
-        raise ValueError(f"{name} has {tensor.shape[1]} columns but the model expects {columns}; "
-                         "were these features made by another backbone?")
+MAX_CLASSES = 100_000
+
+
+def as_real_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` (an array or the features of an Embeddings) as a float32 tensor of real numbers, not yet
+    checked for NaN; a ValueError naming the argument otherwise."""
+    return real_tensor(value.features if isinstance(value, Embeddings) else value, name)
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``tensor`` itself, or a ValueError saying how many of its rows hold NaN or infinite values."""
     if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
+        bad = int((~torch.isfinite(tensor)).reshape(len(tensor), -1).any(dim=1).sum()) if tensor.ndim else 1
         raise ValueError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them first.")
     return tensor
 
 
+def as_matrix(value: Any, name: str, columns: int | None = None) -> torch.Tensor:
+    """``value`` as a finite float32 [N, columns] tensor with N >= 1, or a ValueError naming the argument."""
+    tensor = as_real_tensor(value, name)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(tensor.shape)}.")
+    if len(tensor) == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}); pass at least one row.")
+    if columns is not None and tensor.shape[1] != columns:
+        raise ValueError(f"{name} has {tensor.shape[1]} columns but the model expects {columns}; "
+                         "were these features made by another backbone?")
+    return check_finite(tensor, name)
+
+
 def as_labels(value: Any, n_samples: int, n_classes: int | None = None, name: str = "y") -> torch.Tensor:
-    """Integer class labels [N] in range, or a ValueError naming the argument."""
-    labels = torch.as_tensor(np.asarray(value))
-    if labels.ndim != 1 or len(labels) != n_samples:
-        raise ValueError(f"{name} must be a 1-D array of {n_samples} labels, got shape {tuple(labels.shape)}.")
+    """Integer class labels [N] in range (below ``n_classes``, or ``MAX_CLASSES`` when the classes are not
+    known yet), or a ValueError naming the argument."""
+    try:
+        array = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
+    except ValueError as error:
+        raise ValueError(f"{name} must be a 1-D array of {n_samples} integer class indices ({error}).") from None
+    if array.ndim != 1 or len(array) != n_samples:
+        raise ValueError(f"{name} must be a 1-D array of {n_samples} labels, got shape {array.shape}.")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold integer class indices, got {array.dtype} values; map class names to "
+                         "indices first.")
+    labels = torch.as_tensor(array)
     if labels.dtype.is_floating_point:
-        if not torch.equal(labels, labels.round()):
-            raise ValueError(f"{name} must hold integer class indices, got fractional values.")
-    labels = labels.long()
-    if len(labels) and (labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)):
-        raise ValueError(f"{name} holds labels outside 0..{(n_classes or 1) - 1}.")
-    return labels
+        if not (torch.isfinite(labels).all() and torch.equal(labels, labels.round())):
+            raise ValueError(f"{name} must hold integer class indices, got fractional, NaN or infinite values.")
+    limit = n_classes if n_classes is not None else MAX_CLASSES
+    if len(labels) and (labels.min() < 0 or labels.max() >= limit):
+        if n_classes is None:
+            raise ValueError(f"{name} holds labels outside 0..{limit - 1}; labels are class indices (0, 1, ...), "
+                             "map them to that range first.")
+        raise ValueError(f"{name} holds labels outside 0..{n_classes - 1} (the model has {n_classes} classes); "
+                         "check how the labels were mapped to class indices.")
+    return labels.long()
 
 
 Validation = tuple[Any, Any] | Embeddings | None
 
 
+def holdout_split(n: int, seed: int, fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train rows, held-out validation rows) of ``n`` samples; at least one of each."""
+    if n < 2:
+        raise ValueError(f"x has {n} sample(s); fitting needs at least 2 when no validation data is given "
+                         "(a share is held out for validation), so pass more data or validation=.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(round(fraction * n)))
+    logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
+    return order[held:], order[:held]
+
+
 def split_validation(x: torch.Tensor, y: torch.Tensor, validation: Validation, seed: int,
                      fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(train x, train y, val x, val y, where the validation data came from)."""
+    """(train x, train y, val x, val y, where the validation data came from); given validation data is
+    checked for shape, values and label form (its label range is the caller's to check)."""
+    if validation is None:
+        train, val = holdout_split(len(x), seed, fraction)
+        return x[train], y[train], x[val], y[val], f"held out {fraction:.0%} of train (seed {seed})"
     if isinstance(validation, Embeddings):
-        return x, y, validation.features, validation.labels, "given"
-    if validation is not None:
+        val_x, val_y = validation.features, validation.labels
+    elif isinstance(validation, tuple) and len(validation) == 2:
         val_x, val_y = validation
-        return x, y, torch.as_tensor(np.asarray(val_x), dtype=torch.float32), torch.as_tensor(np.asarray(val_y)), "given"
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    held = max(1, int(round(fraction * len(x))))
-    val, train = order[:held], order[held:]
-    logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
-    return x[train], y[train], x[val], y[val], f"held out {fraction:.0%} of train (seed {seed})"
+    else:
+        raise TypeError(f"validation must be an Embeddings or a pair (x, y), got {type(validation).__name__}"
+                        f"{f' of length {len(validation)}' if isinstance(validation, tuple) else ''}.")
+    val_x = as_matrix(val_x, "validation x", x.shape[1])
+    return x, y, val_x, as_labels(val_y, len(val_x), name="validation y"), "given"
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -145,6 +181,11 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
             class_names = class_names or x.class_names
             backbone = (x.backbone_spec, x.backbone_fingerprint)
         self.class_names_ = list(class_names) if class_names else [f"class {i}" for i in range(n_classes)]
+        if not all(isinstance(name, str) and name.strip() for name in self.class_names_):
+            raise ValueError("class_names must be non-blank strings; pass them as a list of str.")
+        repeated = sorted({name for name in self.class_names_ if self.class_names_.count(name) > 1})
+        if repeated:
+            raise ValueError(f"class_names must be unique; repeated: {repeated[:5]}.")
         if len(self.class_names_) < n_classes:
             raise ValueError(f"{len(self.class_names_)} class names given but labels go up to {n_classes - 1}.")
         self.backbone_spec_, self.backbone_fingerprint_ = backbone or ("", "")
@@ -192,7 +233,8 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
     def decision_function(self, x: Any) -> torch.Tensor:
         """Class logits [N, C]."""
         features = self._features(x)
-        return self._logits(features, self.concepts(features))
+        concepts = finite_output(self.concepts(features), "concept activations")
+        return finite_output(self._logits(features, concepts))
 
     def predict_proba(self, x: Any) -> np.ndarray:
         return torch.softmax(self.decision_function(x), dim=1).numpy()
@@ -202,13 +244,15 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
 
     def score(self, x: Any, y: Any = None, sample_weight: Any = None) -> float:
         """Accuracy; ``y`` defaults to the labels of an Embeddings ``x``."""
-        if y is None and isinstance(x, Embeddings):
-            y = x.labels
-        return super().score(x, np.asarray(y), sample_weight)
+        predicted = self.predict(x)
+        y = as_labels(labels_of(x, y), len(predicted), len(self.class_names_))
+        return float(np.average(predicted == y.numpy(), weights=sample_weight))
 
     def concept_index(self, name: str) -> int:
         """Index of a concept by name, or a KeyError listing close names."""
         names = self.concept_names
+        if not isinstance(name, str):
+            raise TypeError(f"concepts are named by strings, got {type(name).__name__} {name!r}.")
         if name in names:
             return names.index(name)
         close = [n for n in names if name.lower() in n.lower()][:5]
@@ -216,6 +260,9 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         raise KeyError(f"unknown concept {name!r}{hint}")
 
     def class_index(self, name: str) -> int:
+        """Index of a class by name, or a KeyError listing the classes."""
+        if not isinstance(name, str):
+            raise TypeError(f"classes are named by strings, got {type(name).__name__} {name!r}.")
         if name not in self.class_names:
             raise KeyError(f"unknown class {name!r}; the classes are {', '.join(self.class_names[:10])}"
                            f"{', ...' if len(self.class_names) > 10 else ''}.")
@@ -228,28 +275,34 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
     def intervention_values(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checked features, their concepts, and the concepts after the intervention."""
+        check_intervention(values)
         features = self._features(x)
         original = self.concepts(features)
         changed = original.clone()
         if isinstance(values, tuple):
-            mask = torch.as_tensor(np.asarray(values[0]), dtype=torch.bool)
-            given = as_matrix(values[1], "intervention values", changed.shape[1])
-            if mask.shape != changed.shape or given.shape != changed.shape:
-                raise ValueError(f"intervention mask and values must both be {tuple(changed.shape)}, got "
-                                 f"{tuple(mask.shape)} and {tuple(given.shape)}.")
+            mask, given = intervention_pair(values, tuple(changed.shape))
             changed[mask] = given[mask]
         else:
             for name, value in values.items():
-                column = self.concept_index(name)
-                if isinstance(value, str):
-                    value = self.concept_reference(name, value)
-                value = torch.as_tensor(value, dtype=torch.float32)
-                if value.ndim > 1 or (value.ndim == 1 and len(value) != len(changed)):
-                    raise ValueError(f"value for {name!r} must be a number or one number per sample.")
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"value for {name!r} is NaN or infinite.")
+                column, value = self.intervention_value(name, value, len(changed))
                 changed[:, column] = value
         return features, original, changed
+
+    def intervention_value(self, name: str, value: Any, n: int) -> tuple[int, torch.Tensor]:
+        """(column, value) of one ``{name: value}`` intervention: a finite number, one per sample (``n``), or a
+        reference name such as "high"; a KeyError for an unknown concept, a ValueError for a bad value."""
+        column = self.concept_index(name)
+        if isinstance(value, str):
+            value = self.concept_reference(name, value)
+        try:
+            value = check_finite(real_tensor(value, f"the value for {name!r}"), f"the value for {name!r}")
+        except ValueError:
+            raise ValueError(f"the value for {name!r} must be a finite number or one per sample ({n}), "
+                             f"got {value!r:.60}.") from None
+        if value.ndim > 1 or (value.ndim == 1 and len(value) != n):
+            raise ValueError(f"the value for {name!r} must be a number or one number per sample ({n}), "
+                             f"got shape {tuple(value.shape)}.")
+        return column, value
 
     def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
         """Logits after setting concepts: ``{name: value}`` (a number, one per sample, or a reference
@@ -374,6 +427,37 @@ class LinearHeadEdits:
         return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
 
 
+def check_intervention(values: Any) -> None:
+    """A TypeError unless ``values`` is a ``{concept name: value}`` mapping or a ``(mask, values)`` pair."""
+    if not (isinstance(values, Mapping) or (isinstance(values, tuple) and len(values) == 2)):
+        raise TypeError(f"intervention values must be a {{concept name: value}} mapping or a (mask, values) pair, "
+                        f"got {type(values).__name__}.")
+
+
+def intervention_pair(values: tuple[Any, Any], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, values) of a batched intervention, both checked to have ``shape``; values need to be finite only
+    where the mask is set (NaN elsewhere is fine)."""
+    mask = np.asarray(values[0])
+    if mask.dtype.kind not in "biu":
+        raise TypeError(f"the intervention mask must be a boolean (or 0/1) array, got {mask.dtype} values.")
+    mask = torch.as_tensor(mask).bool()
+    given = real_tensor(values[1], "intervention values")
+    if mask.shape != shape or given.shape != shape:
+        raise ValueError(f"intervention mask and values must both be {shape}, got {tuple(mask.shape)} and "
+                         f"{tuple(given.shape)}.")
+    if not torch.isfinite(given[mask]).all():
+        raise ValueError("intervention values are NaN or infinite where the mask is set; give finite numbers there.")
+    return mask, given
+
+
+def finite_output(values: torch.Tensor, what: str = "logits") -> torch.Tensor:
+    """``values`` itself, or a ValueError when x overflowed float32 arithmetic on its way through the model."""
+    if not torch.isfinite(values).all():
+        raise ValueError(f"the model's {what} overflowed to NaN or infinity: the values of x are far too large for "
+                         "float32; check their scale (embeddings are usually well below 1e3).")
+    return values
+
+
 def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
     for name, shape in expected.items():
         if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
@@ -396,9 +480,7 @@ def prepare_validation(model: ConceptBottleneckModel, features: torch.Tensor, la
     if isinstance(validation, Embeddings):
         bank.check_features(validation.features, validation.backbone_fingerprint)
     train_x, train_y, val_x, val_y, source = split_validation(features, labels, validation, seed)
-    val_x = as_matrix(val_x, "validation x", model.n_features_in_)
-    val_y = as_labels(val_y, len(val_x), len(model.class_names_), "validation y")
-    return train_x, train_y, val_x, val_y, source
+    return train_x, train_y, val_x, as_labels(val_y, len(val_x), len(model.class_names_), "validation y"), source
 
 
 def load(path: str | Path) -> ConceptBottleneckModel:
@@ -414,16 +496,30 @@ def load(path: str | Path) -> ConceptBottleneckModel:
         if isinstance(error, BundleError):
             raise
         raise BundleError(f"{path} is an inconsistent {family} bundle ({type(error).__name__}: {error}).") from None
+    bank = getattr(model, "bank", None)
+    if bank is not None and bank.backbone and model.backbone_fingerprint_ and bank.backbone != model.backbone_fingerprint_:
+        raise BundleError(f"{path} is an inconsistent {family} bundle: its concept bank belongs to another backbone "
+                          "than the model; refit the model with a bank of its backbone.")
     return model
 
 
 def _restore_common(model: ConceptBottleneckModel, manifest: dict[str, Any]) -> None:
-    """Set the fitted attributes every family shares from a manifest."""
-    model.class_names_ = [str(n) for n in manifest["class_names"]]
-    model.concept_names_ = [str(n) for n in manifest["concept_names"]]
-    model.n_features_in_ = int(manifest["n_features_in"])
-    model.backbone_spec_ = str(manifest["backbone"]["spec"])
-    model.backbone_fingerprint_ = str(manifest["backbone"]["fingerprint"])
+    """Set the fitted attributes every family shares from a manifest (types checked: a ValueError otherwise)."""
+    for key in ("class_names", "concept_names"):
+        names = manifest[key]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n.strip() for n in names)
+                and len(set(names)) == len(names)):
+            raise ValueError(f"{key} must be a non-empty list of unique, non-blank strings")
+    width, backbone = manifest["n_features_in"], manifest["backbone"]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError("n_features_in must be a positive integer")
+    if not (isinstance(backbone, dict) and all(isinstance(backbone.get(k), str) for k in ("spec", "fingerprint"))):
+        raise ValueError("backbone must hold a spec and a fingerprint string")
+    model.class_names_ = list(manifest["class_names"])
+    model.concept_names_ = list(manifest["concept_names"])
+    model.n_features_in_ = width
+    model.backbone_spec_ = backbone["spec"]
+    model.backbone_fingerprint_ = backbone["fingerprint"]
     model.training_ = dict(manifest.get("training") or {})
     model.metrics_ = dict(manifest.get("metrics") or {})
     model.edits_ = [EditRecord(**edit) for edit in manifest.get("edits") or []]

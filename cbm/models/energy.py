@@ -72,8 +72,8 @@ from torch.nn import functional as F
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, check_intervention, finite_logits, holdout_split,
-                             split_validation)
+                             as_matrix, bank_from_state, bank_state, check_intervention, finite_output, holdout_split,
+                             intervention_pair, split_validation)
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -639,7 +639,7 @@ class EnergyCBM(ConceptBottleneckModel):
 
     def decision_function(self, x: Any) -> torch.Tensor:
         """Class logits [N, C] after gradient inference (see ``infer``)."""
-        return finite_logits(self.infer(x).logits)
+        return finite_output(self.infer(x).logits)
 
     def predict_from_concepts(self, c: Any) -> torch.Tensor:
         """Class logits from concepts alone: ``-E_cy(c, y)`` (the global energy's Boltzmann over classes)."""
@@ -668,22 +668,11 @@ class EnergyCBM(ConceptBottleneckModel):
         check_intervention(values)
         k = len(self.concept_names_)
         if isinstance(values, tuple):
-            mask = torch.as_tensor(np.asarray(values[0]), dtype=torch.bool)
-            given = as_matrix(values[1], "intervention values", k)
-            if mask.shape != (n, k) or given.shape != (n, k):
-                raise ValueError(f"intervention mask and values must both be {(n, k)}, got "
-                                 f"{tuple(mask.shape)} and {tuple(given.shape)}.")
+            mask, given = intervention_pair(values, (n, k))
             return mask, torch.where(mask, given, torch.zeros(()))
         mask, given = torch.zeros(n, k, dtype=torch.bool), torch.zeros(n, k)
         for name, value in values.items():
-            column = self.concept_index(name)
-            if isinstance(value, str):
-                value = self.concept_reference(name, value)
-            value = torch.as_tensor(value, dtype=torch.float32)
-            if value.ndim > 1 or (value.ndim == 1 and len(value) != n):
-                raise ValueError(f"value for {name!r} must be a number or one number per sample.")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"value for {name!r} is NaN or infinite.")
+            column, value = self.intervention_value(name, value, n)
             mask[:, column] = True
             given[:, column] = value
         return mask, given

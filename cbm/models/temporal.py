@@ -59,8 +59,14 @@ from cbm.models.base import (
     EditRecord,
     _restore_common,
     as_labels,
+    as_real_tensor,
     bank_from_state,
     bank_state,
+    check_finite,
+    check_intervention,
+    finite_output,
+    holdout_split,
+    intervention_pair,
 )
 from concepts.bank import ConceptBank
 
@@ -118,7 +124,7 @@ def pad_sequences(sequences: Sequence[Any], name: str = "x") -> tuple[torch.Tens
         raise ValueError(f"{name} is an empty list of sequences.")
     tensors = []
     for i, seq in enumerate(sequences):
-        t = torch.as_tensor(np.asarray(seq) if not isinstance(seq, torch.Tensor) else seq, dtype=torch.float32)
+        t = as_real_tensor(seq, f"{name}[{i}]")
         if t.ndim != 2 or len(t) == 0:
             raise ValueError(f"{name}[{i}] must be a non-empty [T, D] array, got shape {tuple(t.shape)}.")
         tensors.append(t)
@@ -187,10 +193,6 @@ def reverse_time(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return features.gather(1, source.view(*source.shape, *([1] * (features.ndim - 2))).expand_as(features))
 
 
-def _tensor(value: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value, dtype=torch.float32)
-
-
 def as_sequences(x: Any, name: str = "x") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str | None]:
     """(features [B,T,D], valid [B,T], labels [B] or None, backbone fingerprint or None) from
     VideoSequences, window Embeddings, ``(features [B,T,D], valid [B,T])``, a [B,T,D] array or a
@@ -202,14 +204,11 @@ def as_sequences(x: Any, name: str = "x") -> tuple[torch.Tensor, torch.Tensor, t
         fingerprint = x.backbone_fingerprint or None
         features, valid, labels = x.features, x.valid, x.labels
     elif isinstance(x, tuple) and len(x) == 2 and np.ndim(x[0]) == 3:
-        features, valid = _tensor(x[0]), torch.as_tensor(np.asarray(x[1])).bool()
+        features, valid = as_real_tensor(x[0], name), torch.as_tensor(np.asarray(x[1])).bool()
     elif isinstance(x, (list, tuple)):
         features, valid = pad_sequences(x, name)
     else:
-        try:
-            features = _tensor(x)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{name} must be video sequences [B, T, D] ({error}).") from None
+        features = as_real_tensor(x, name)
         if features.ndim == 2:
             raise ValueError(f"{name} is 2-D {tuple(features.shape)}; a temporal model takes [B, T, D] sequences "
                              "with a validity mask, a list of [T_i, D], or window Embeddings of a video dataset.")
@@ -226,10 +225,18 @@ def as_sequences(x: Any, name: str = "x") -> tuple[torch.Tensor, torch.Tensor, t
     return features, valid, labels, fingerprint
 
 
+def _is_label_vector(value: Any) -> bool:
+    """Whether ``value`` is a flat sequence of numbers (labels), not sequences of windows."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # ragged: a list of sequences
+        return False
+    return array.ndim == 1 and array.dtype.kind in "iuf"
+
+
 def labelled_sequences(data: Any, name: str = "validation") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features, valid, labels) from labelled VideoSequences / window Embeddings or ``(sequences, y)``."""
-    if isinstance(data, tuple) and len(data) == 2 and np.ndim(data[1]) == 1 and np.ndim(data[0]) != 2 \
-            and not isinstance(data[1], (list, tuple)):
+    if isinstance(data, tuple) and len(data) == 2 and _is_label_vector(data[1]) and not _is_label_vector(data[0]):
         features, valid, _, _ = as_sequences(data[0], name)
         return features, valid, as_labels(data[1], len(features), name=f"{name} y")
     features, valid, labels, _ = as_sequences(data, name)
@@ -497,7 +504,8 @@ class TemporalCBM(ConceptBottleneckModel):
             self._check_fitted()
             if fingerprint and self.backbone_fingerprint_ and fingerprint != self.backbone_fingerprint_:
                 raise ValueError(f"{name} was embedded with another backbone (fingerprint {fingerprint[:12]}) than this "
-                                 f"model was fitted on ({self.backbone_spec_}, {self.backbone_fingerprint_[:12]}).")
+                                 f"model was fitted on ({self.backbone_spec_}, {self.backbone_fingerprint_[:12]}); "
+                                 "embed the videos with that backbone.")
             if features.shape[2] != self.n_features_in_:
                 raise ValueError(f"{name} has width {features.shape[2]} but the model expects {self.n_features_in_}; "
                                  "were these features made by another backbone?")
@@ -598,24 +606,14 @@ class TemporalCBM(ConceptBottleneckModel):
 
     def _set_concepts(self, concepts: torch.Tensor, valid: torch.Tensor,
                       values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
+        check_intervention(values)
         changed = concepts.clone()
         if isinstance(values, tuple):
-            mask = torch.as_tensor(np.asarray(values[0])).bool()
-            given = torch.as_tensor(np.asarray(values[1]), dtype=torch.float32)
-            if mask.shape != changed.shape or given.shape != changed.shape:
-                raise ValueError(f"intervention mask and values must both be {tuple(changed.shape)}, got "
-                                 f"{tuple(mask.shape)} and {tuple(given.shape)}.")
-            if not torch.isfinite(given[mask]).all():
-                raise ValueError("intervention values are NaN or infinite.")
+            mask, given = intervention_pair(values, tuple(changed.shape))
             changed[mask] = given[mask]
         else:
             for name, value in values.items():
-                column = self.concept_index(name)
-                value = torch.as_tensor(value, dtype=torch.float32)
-                if value.ndim > 1 or (value.ndim == 1 and len(value) != len(changed)):
-                    raise ValueError(f"value for {name!r} must be a number or one number per video.")
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"value for {name!r} is NaN or infinite.")
+                column, value = self.intervention_value(name, value, len(changed))
                 changed[..., column] = value.reshape(-1, 1) if value.ndim == 1 else value
         return changed * valid[..., None]
 
@@ -634,11 +632,12 @@ class TemporalCBM(ConceptBottleneckModel):
         """Pooled logits [B, C] from per-window concepts [B, T, K] (``valid`` [B, T], default all)
         or from one concept vector per video [N, K] (a one-window video)."""
         self._check_fitted()
-        concepts = torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c, dtype=torch.float32)
+        concepts = check_finite(as_real_tensor(c, "concepts"), "concepts")
         if concepts.ndim == 2:
             concepts = concepts[:, None]
-        if concepts.ndim != 3 or concepts.shape[-1] != len(self.concept_names_):
-            raise ValueError(f"concepts must be [B, T, {len(self.concept_names_)}], got {tuple(concepts.shape)}.")
+        if concepts.ndim != 3 or concepts.shape[-1] != len(self.concept_names_) or 0 in concepts.shape[:2]:
+            raise ValueError(f"concepts must be [B, T, {len(self.concept_names_)}] with B, T >= 1, "
+                             f"got {tuple(concepts.shape)}.")
         mask = (torch.ones(concepts.shape[:2], dtype=torch.bool) if valid is None
                 else torch.as_tensor(np.asarray(valid)).bool())
         if mask.shape != concepts.shape[:2] or not mask.any(1).all():
@@ -648,7 +647,7 @@ class TemporalCBM(ConceptBottleneckModel):
 
     def decision_function(self, x: SequenceInput) -> torch.Tensor:
         """Class logits [B, C], one row per video."""
-        return self.explain(x, return_attention=False).logits
+        return finite_output(self.explain(x, return_attention=False).logits)
 
     def score(self, x: SequenceInput, y: Any = None, sample_weight: Any = None) -> float:
         """Video accuracy; ``y`` defaults to the video labels of Embeddings / VideoSequences."""
@@ -656,11 +655,9 @@ class TemporalCBM(ConceptBottleneckModel):
             _, _, y = self._sequences(x, check_width=False)
             if y is None:
                 raise ValueError("y is required for plain sequences.")
-        y = np.asarray(y)
         predicted = self.predict(x)
-        if sample_weight is not None:
-            return float(np.average(predicted == y, weights=np.asarray(sample_weight)))
-        return float((predicted == y).mean())
+        y = as_labels(y, len(predicted), len(self.class_names_)).numpy()
+        return float(np.average(predicted == y, weights=sample_weight))
 
     def intervene(self, x: SequenceInput, values: Mapping[str, Any] | tuple[Any, Any] | None = None,
                   **options: Any) -> torch.Tensor:
@@ -748,10 +745,9 @@ class TemporalCBM(ConceptBottleneckModel):
         self._cached_net = None
 
         if validation is None:
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self.seed))
-            held = max(1, round(0.1 * len(features)))
-            val_f, val_v, val_y = features[order[:held]], valid[order[:held]], labels[order[:held]]
-            features, valid, labels = features[order[held:]], valid[order[held:]], labels[order[held:]]
+            train, held = holdout_split(len(features), self.seed)
+            val_f, val_v, val_y = features[held], valid[held], labels[held]
+            features, valid, labels = features[train], valid[train], labels[train]
             source = f"held out 10% of train (seed {self.seed})"
         else:
             val_f, val_v, val_y = labelled_sequences(validation)
@@ -764,7 +760,7 @@ class TemporalCBM(ConceptBottleneckModel):
         cosines = self._cosines(features, valid)
         flat = cosines[valid]
         self.mean_ = flat.mean(0)
-        self.std_ = flat.std(0).clamp_min(1e-6)
+        self.std_ = flat.std(0).clamp_min(1e-6) if len(flat) > 1 else torch.ones(flat.shape[1])
         train_a = self._standardise(cosines, valid)
         val_a = self._standardise(self._cosines(val_f, val_v), val_v)
         self._train(train_a, valid, labels, val_a, val_v, val_y, n_classes)
