@@ -5,16 +5,22 @@ The model is fitted briefly on synthetic embeddings with CUB-like sizes by defau
 200 classes, 512-d features); the weights only need to be realistic enough for inference to take
 a realistic number of steps. Prints samples/s for both and their ratio, plus the mean steps.
 
-Run: ``python benchmarks/bench_energy.py [--n 2048] [--per-sample 32] [--concepts 112] [--classes 200]``.
+Run: ``python benchmarks/bench_energy.py [--n 2048] [--per-sample 32] [--concepts 112] [--classes 200]
+[--train 4000] [--val 800] [--threads 0]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import BenchResult, Row, format_table
 from cbm.backbones import resolve_device
 from cbm.models.energy import EnergyCBM
 
@@ -30,6 +36,43 @@ def synthetic(n: int, dim: int, concepts: int, classes: int, seed: int = 0):
     return c @ directions + 0.3 * torch.randn(n, dim, generator=g), y, c
 
 
+def measure(n: int = 2048, per_sample: int = 32, dim: int = 512, concepts: int = 112, classes: int = 200,
+            hidden: int = 256, epochs: int = 5, train: int = 4000, val: int = 800, device: str = "auto",
+            threads: int = 0) -> BenchResult:
+    """Batched against per-sample gradient inference on one briefly fitted model."""
+    if threads:
+        torch.set_num_threads(threads)
+    x, y, c = synthetic(train, dim, concepts, classes)
+    vx, vy, vc = synthetic(val, dim, concepts, classes, seed=1)
+    tx, _, _ = synthetic(n, dim, concepts, classes, seed=2)
+    device = str(resolve_device(device))
+    started = time.perf_counter()
+    model = EnergyCBM(hidden=hidden, max_epochs=epochs, batch_size=256, device=device,
+                      inference_batch=n).fit(x, y, concept_labels=c, validation=(vx, vy), validation_concepts=vc)
+    fit_s = time.perf_counter() - started
+
+    def timed(work):
+        started = time.perf_counter()
+        result = work()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - started
+
+    model.infer(tx[:8])  # warm-up
+    batched, batched_s = timed(lambda: model.infer(tx))
+    single, single_s = timed(lambda: [model.infer(tx[i:i + 1]) for i in range(per_sample)])
+    gap = float((torch.cat([s.concept_probs for s in single]) - batched.concept_probs[:per_sample]).abs().max())
+    batched_rate, single_rate = n / batched_s, per_sample / single_s
+    rows = [Row("ECBM inference: batched vs per-sample", batched_rate, single_rate, "samples/s",
+                batched_rate / single_rate, "> 1x (none set)", batched_rate > single_rate)]
+    notes = [f"model fitted on {train} samples in {fit_s:.1f} s; batched: mean {batched.steps.float().mean():.0f} "
+             f"steps (max {int(batched.steps.max())}); largest concept-probability gap batched vs per-sample on the "
+             f"same samples: {gap:.1e}"]
+    setup = (f"{n} samples batched, {per_sample} one at a time; {concepts} concepts, {classes} classes, D={dim}, "
+             f"hidden {hidden}, {device}, {torch.get_num_threads()} threads")
+    return BenchResult("energy", setup, rows, notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2048, help="samples for batched inference")
@@ -39,45 +82,13 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=5, help="training epochs of the benchmark model")
+    parser.add_argument("--train", type=int, default=4000, help="training samples of the benchmark model")
+    parser.add_argument("--val", type=int, default=800, help="its validation samples")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    x, y, c = synthetic(4000, args.dim, args.concepts, args.classes)
-    vx, vy, vc = synthetic(800, args.dim, args.concepts, args.classes, seed=1)
-    tx, _, _ = synthetic(args.n, args.dim, args.concepts, args.classes, seed=2)
-    device = str(resolve_device(args.device))
-    started = time.perf_counter()
-    model = EnergyCBM(hidden=args.hidden, max_epochs=args.epochs, batch_size=256, device=device,
-                      inference_batch=args.n).fit(x, y, concept_labels=c, validation=(vx, vy), validation_concepts=vc)
-    print(f"fitted on {len(x)} samples ({args.concepts} concepts, {args.classes} classes, hidden {args.hidden}) "
-          f"in {time.perf_counter() - started:.1f} s on {device}")
-
-    model.infer(tx[:8])  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    batched = model.infer(tx)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    batched_s = time.perf_counter() - started
-
-    started = time.perf_counter()
-    single = [model.infer(tx[i:i + 1]) for i in range(args.per_sample)]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    single_s = time.perf_counter() - started
-
-    same = torch.cat([s.concept_probs for s in single])
-    gap = float((same - batched.concept_probs[:args.per_sample]).abs().max())
-    batched_rate, single_rate = args.n / batched_s, args.per_sample / single_s
-    print(f"batched inference:    {batched_rate:10.1f} samples/s ({args.n} samples, {batched_s:.2f} s, "
-          f"mean {batched.steps.float().mean():.0f} steps, max {int(batched.steps.max())})")
-    print(f"per-sample inference: {single_rate:10.1f} samples/s ({args.per_sample} samples, {single_s:.2f} s)")
-    print(f"ratio batched / per-sample: {batched_rate / single_rate:.1f}x; largest concept-probability gap "
-          f"between the two on the same samples: {gap:.1e}")
+    print(format_table([measure(args.n, args.per_sample, args.dim, args.concepts, args.classes, args.hidden,
+                                args.epochs, args.train, args.val, args.device, args.threads)]))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ Run: ``python benchmarks/bench_temporal.py [--videos 256] [--concepts 100] [--di
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import BenchResult, Row, format_table
 from cbm.models.temporal import TemporalCBM, VideoSequences, pad_sequences
 from concepts.bank import ConceptBank
 
@@ -28,6 +33,39 @@ def videos(n: int, dim: int, min_len: int, max_len: int, classes: int, seed: int
                           torch.full(valid.shape, -1), spans, [f"class {c}" for c in range(classes)])
 
 
+def measure(n_videos: int = 256, concepts: int = 100, dim: int = 512, classes: int = 10, batch: int = 64,
+            min_len: int = 4, max_len: int = 64, threads: int = 1) -> BenchResult:
+    """Inference time in padded batches against one video at a time, their largest logit gap, one epoch's time."""
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    bank = ConceptBank([f"concept {k}" for k in range(concepts)],
+                       torch.tensor(rng.normal(size=(concepts, dim)), dtype=torch.float32), kind="cav")
+    data = videos(n_videos, dim, min_len, max_len, classes)
+    val = videos(32, dim, min_len, max_len, classes, seed=2)
+    started = time.perf_counter()
+    model = TemporalCBM(bank, epochs=1, batch_size=32, device="cpu").fit(data, validation=val)
+    epoch = time.perf_counter() - started
+
+    model.decision_function(data.subset(range(4)))  # warm-up
+    started = time.perf_counter()
+    batched = torch.cat([model.decision_function(data.subset(range(i, min(i + batch, len(data)))))
+                         for i in range(0, len(data), batch)])
+    t_batched = time.perf_counter() - started
+    lengths = data.valid.sum(1).tolist()
+    started = time.perf_counter()
+    single = torch.cat([model.decision_function(data.features[i:i + 1, :n]) for i, n in enumerate(lengths)])
+    t_single = time.perf_counter() - started
+    gap = float((batched - single).abs().max())
+    rows = [Row("MoTIF inference: padded batches vs one by one", n_videos / t_batched, n_videos / t_single,
+                "videos/s", t_single / t_batched, "> 1x (none set)", t_single > t_batched),
+            Row("MoTIF: max |logit difference| batched vs single", gap, None, "", None, "<= 1e-4", gap <= 1e-4)]
+    notes = [f"one training epoch (batch 32, incl. standardisation and validation): {epoch:.2f} s; "
+             f"{int(sum(lengths))} windows in all"]
+    setup = (f"{n_videos} videos of {min_len}-{max_len} windows, {concepts} concepts, D={dim}, batch {batch}, "
+             f"{threads} thread(s)")
+    return BenchResult("temporal", setup, rows, notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=256)
@@ -39,35 +77,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    rng = np.random.default_rng(1)
-    bank = ConceptBank([f"concept {k}" for k in range(args.concepts)],
-                       torch.tensor(rng.normal(size=(args.concepts, args.dim)), dtype=torch.float32), kind="cav")
-    data = videos(args.videos, args.dim, args.min_len, args.max_len, args.classes)
-    val = videos(32, args.dim, args.min_len, args.max_len, args.classes, seed=2)
-    started = time.perf_counter()
-    model = TemporalCBM(bank, epochs=1, batch_size=32, device="cpu").fit(data, validation=val)
-    epoch = time.perf_counter() - started
-
-    model.decision_function(data.subset(range(4)))  # warm-up
-    started = time.perf_counter()
-    batched = torch.cat([model.decision_function(data.subset(range(i, min(i + args.batch, len(data)))))
-                         for i in range(0, len(data), args.batch)])
-    t_batched = time.perf_counter() - started
-    lengths = data.valid.sum(1).tolist()
-    started = time.perf_counter()
-    single = torch.cat([model.decision_function(data.features[i:i + 1, :n]) for i, n in enumerate(lengths)])
-    t_single = time.perf_counter() - started
-    windows = int(sum(lengths))
-    print(f"{args.videos} videos of {args.min_len}-{args.max_len} windows ({windows} windows), "
-          f"{args.concepts} concepts, D={args.dim}, {args.threads} thread(s)")
-    print(f"  one training epoch (batch 32, incl. standardisation and validation): {epoch:.2f} s")
-    print(f"  padded batches of {args.batch}: {t_batched:.3f} s  ({args.videos / t_batched:,.0f} videos/s, "
-          f"{windows / t_batched:,.0f} windows/s)")
-    print(f"  one by one:              {t_single:.3f} s  ({args.videos / t_single:,.0f} videos/s)")
-    print(f"  throughput ratio batched / one-by-one: {t_single / t_batched:.1f}x; "
-          f"max |logit difference| {float((batched - single).abs().max()):.2e}")
+    print(format_table([measure(args.videos, args.concepts, args.dim, args.classes, args.batch, args.min_len,
+                                args.max_len, args.threads)]))
 
 
 if __name__ == "__main__":
