@@ -10,14 +10,16 @@ contain may have changed; the embedding cache keys on it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -29,47 +31,73 @@ class ImageReadError(OSError):
     """An image or video file could not be decoded; the message names the file."""
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully into RGB, raising ImageReadError naming the path on failure."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
-
-
+MAX_FILE_PIXELS = 100_000_000
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_UPLOAD_PIXELS = 40_000_000
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def read_image_bytes(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES,
-                     max_pixels: int = MAX_UPLOAD_PIXELS) -> Image.Image:
-    """Decode untrusted image bytes (an upload) into RGB, refusing oversized files and decompression bombs.
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image upright (its EXIF orientation applied) in 8-bit RGB.
+
+    Transparent pixels are composited on white (RGBA, LA, palette or colour-key transparency);
+    16- and 32-bit integer greyscale is read on the 16-bit scale (0..65535 -> 0..255, clipped) and
+    float greyscale on 0..1; CMYK and every other mode go through Pillow's conversion.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255, 0, 255)
+                                .round().astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _decode(source: str | Path | io.BytesIO, what: str, max_pixels: int,
+            formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open, size-check (before any pixel is decoded), decode and convert one image; ImageReadError naming
+    ``what`` on any failure."""
+    try:
+        with Image.open(source, formats=formats) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageReadError(f"{what} is {width}x{height} pixels; at most {max_pixels:,} pixels are accepted "
+                                     "(this also refuses decompression bombs).")
+            image.load()
+            return to_rgb(image)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{what} declares more than {max_pixels:,} pixels, far beyond what is accepted "
+                             "(a decompression bomb?); it was not decoded.") from None
+    except UnidentifiedImageError:
+        allowed = f" ({', '.join(formats)})" if formats else ""
+        raise ImageReadError(f"{what} is not an image in a format this toolkit reads{allowed}.") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:  # what Pillow's decoders raise
+        raise ImageReadError(f"{what} is truncated or corrupt ({type(error).__name__}: {error}).") from None
+
+
+def read_image(path: str | Path, *, max_pixels: int = MAX_FILE_PIXELS) -> Image.Image:
+    """Decode an image file fully into upright RGB (see ``to_rgb``), raising ImageReadError naming the path on
+    failure or when it has more than ``max_pixels`` pixels."""
+    return _decode(path, f"image {path}", max_pixels)
+
+
+def read_image_bytes(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS,
+                     formats: tuple[str, ...] = UPLOAD_FORMATS) -> Image.Image:
+    """Decode untrusted image bytes (an upload) into upright RGB, refusing oversized files, decompression
+    bombs and formats outside ``formats`` (so no exotic decoder, e.g. EPS through Ghostscript, ever runs).
 
     The pixel count is checked from the header before any pixel is decoded; EXIF rotation is applied.
     """
-    import io
-
-    from PIL import ImageOps, UnidentifiedImageError
-
     if len(data) > max_bytes:
         raise ImageReadError(f"the file is {len(data) / 2**20:.1f} MB; images up to {max_bytes / 2**20:.0f} MB "
                              "are accepted.")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageReadError(f"the image is {width}x{height} pixels; at most {max_pixels:,} pixels are "
-                                     "accepted (this also refuses decompression bombs).")
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ImageReadError(f"the file is not an image this toolkit can read ({error}).") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        if isinstance(error, ImageReadError):
-            raise
-        raise ImageReadError(f"the image is truncated or corrupt ({error}).") from None
+    return _decode(io.BytesIO(data), "the image", max_pixels, formats)
 
 
 def require_dir(path: str | Path, what: str) -> Path:

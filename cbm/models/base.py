@@ -487,7 +487,7 @@ def load(path: str | Path) -> ConceptBottleneckModel:
     """Load any family's bundle written by ``model.save``; nothing in the file is executed."""
     manifest, tensors = read_bundle(path)
     family = manifest.get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise BundleError(f"{path} holds an unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}.")
     cls = FAMILIES[family]
     try:

@@ -1,15 +1,17 @@
 """The model bundle: one safetensors file whose header carries a JSON manifest.
 
-A bundle is a plain safetensors file. Its ``__metadata__`` holds one key, ``cbm_manifest``: a
-JSON document with the format version, the model family, its hyperparameters, the backbone spec
+A bundle is a plain safetensors file. Its ``__metadata__`` holds ``cbm_manifest``, a JSON
+document with the format version, the model family, its hyperparameters, the backbone spec
 and fingerprint, class and concept names, the training data fingerprint, metrics and the edit
-history. Every tensor (the model's and its concept bank's) lives in the same file. Loading never
+history, and ``cbm_tensor_sha256``, a checksum of every tensor (older bundles without it still
+load). Every tensor (the model's and its concept bank's) lives in the same file. Loading never
 executes code from the file: the manifest is parsed as JSON, checked field by field, and each
 declared tensor shape is checked against the file's header before any tensor is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -31,6 +33,16 @@ class BundleError(ValueError):
     """A bundle file is corrupt, of another format or version, or does not match its use."""
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order): detects corrupted tensor data."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_bundle(path: str | Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``manifest`` + ``tensors`` atomically to ``path`` (a temporary file renamed into place)."""
     path = Path(path)
@@ -38,10 +50,11 @@ def write_bundle(path: str | Path, manifest: dict[str, Any], tensors: dict[str, 
     manifest = {"format": FORMAT_NAME, "format_version": ".".join(map(str, FORMAT_VERSION)), **manifest,
                 "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()}}
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    metadata = {"cbm_manifest": json.dumps(manifest), "cbm_tensor_sha256": tensor_digest(contiguous)}
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(contiguous, tmp, metadata={"cbm_manifest": json.dumps(manifest)})
+        save_file(contiguous, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -59,9 +72,13 @@ def _header(path: Path) -> dict[str, Any]:
         if size > MAX_HEADER_BYTES or size > path.stat().st_size - 8:
             raise BundleError(f"{path} is not a valid model bundle (its header declares {size} bytes).")
         try:
-            return json.loads(handle.read(size))
+            header = json.loads(handle.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise BundleError(f"{path} is not a valid model bundle (unreadable header: {error}).") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path} is not a valid model bundle (its header is a JSON {type(header).__name__}, "
+                          "not an object).")
+    return header
 
 
 def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -78,7 +95,8 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     except (json.JSONDecodeError, RecursionError, TypeError) as error:
         raise BundleError(f"{path} has an unreadable manifest ({error}).") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"{path} is not a cbm model bundle (format {manifest.get('format')!r}).")
+        found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+        raise BundleError(f"{path} is not a cbm model bundle (format {found!r}).")
     version = str(manifest.get("format_version", ""))
     try:
         major = int(version.split(".")[0])
@@ -108,4 +126,8 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             tensors = {name: handle.get_tensor(name) for name in declared}
     except (SafetensorError, OSError, RuntimeError) as error:
         raise BundleError(f"{path} has corrupt tensor data ({error}).") from None
+    expected = metadata.get("cbm_tensor_sha256")
+    if expected is not None and expected != tensor_digest(tensors):
+        raise BundleError(f"{path} has corrupt tensor data (their checksum does not match the one written with "
+                          "them); restore the file from a good copy.")
     return manifest, tensors
