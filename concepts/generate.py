@@ -166,6 +166,13 @@ class ResponseCache:
             _atomic_write(self._path(key), json.dumps({"key": key, "response": response}, ensure_ascii=False))
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its query and without user credentials (``user:key@``): fit for logs, errors and provenance."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host, query="", fragment="").geturl()
+
+
 class HTTPClient:
     """JSON over HTTP with a timeout, retries with exponential backoff and a minimum interval."""
 
@@ -189,7 +196,7 @@ class HTTPClient:
         data = json.dumps(body).encode() if body is not None else None
         request_headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data else {}),
                            **dict(headers or {})}
-        where = urllib.parse.urlsplit(url)._replace(query="").geturl()
+        where = redact_url(url)
         for attempt in range(self.retries + 1):
             self._wait_turn()
             self.requests_sent += 1
@@ -289,6 +296,7 @@ class ChatClient:
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
                  requests_per_minute: float | None = None) -> None:
         self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        self.public_endpoint = redact_url(self.endpoint)  # what logs, errors, the cache and provenance see
         self.model, self.temperature, self.max_tokens = model, float(temperature), int(max_tokens)
         self.api_key_env = api_key_env
         self.cache = ResponseCache(cache_dir)
@@ -297,12 +305,12 @@ class ChatClient:
 
     def describe(self) -> dict[str, Any]:
         """What to record in provenance (never the key)."""
-        return {"endpoint": self.endpoint, "model": self.model, "temperature": self.temperature,
+        return {"endpoint": self.public_endpoint, "model": self.model, "temperature": self.temperature,
                 "max_tokens": self.max_tokens}
 
     def complete(self, prompt: str) -> str:
         """The assistant's reply to one user message (from the cache when possible)."""
-        key = {"endpoint": self.endpoint, "model": self.model, "prompt": prompt, "temperature": self.temperature}
+        key = {"endpoint": self.public_endpoint, "model": self.model, "prompt": prompt, "temperature": self.temperature}
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -316,10 +324,10 @@ class ChatClient:
         try:
             content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise LLMReplyError(f"{self.endpoint} answered without choices[0].message.content: "
+            raise LLMReplyError(f"{self.public_endpoint} answered without choices[0].message.content: "
                                 f"{json.dumps(answer)[:80]}.") from None
         if not isinstance(content, str):
-            raise LLMReplyError(f"{self.endpoint} answered with non-text content {content!r:.80}.")
+            raise LLMReplyError(f"{self.public_endpoint} answered with non-text content {content!r:.80}.")
         self.cache.put(key, content)
         return content
 
