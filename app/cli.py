@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from cbm.data.base import MAX_UPLOAD_BYTES
+
 
 def cmd_app(args: argparse.Namespace) -> int:
     """Open the concept editor in the browser (Streamlit), bound to 127.0.0.1 unless --host says otherwise."""
@@ -16,7 +18,8 @@ def cmd_app(args: argparse.Namespace) -> int:
     env = {**os.environ, "CBM_APP_MODEL": str(Path(args.model).resolve()) if args.model else "",
            "CBM_APP_DATA": args.data or ""}
     command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", args.host,
-               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20))]
     print(f"concept editor on http://{args.host}:{args.port} (Ctrl+C stops it)"
           + ("" if args.model else "; the toy demo model is built on first use and cached"))
     sys.stdout.flush()

@@ -14,10 +14,10 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from app.session import EditorSession
+from app.session import UPLOAD_TYPES, EditorSession, read_upload
 from explain import EvalData, explain_samples
 from explain.plots import contribution_figure
-from cbm.data.base import ImageReadError, read_image_bytes
+from cbm.data.base import ImageReadError
 
 SLIDERS_SHOWN = 12
 PAGE_SIZE = 24
@@ -70,10 +70,10 @@ def filtered_samples(s: EditorSession, class_filter: str | None, correctness: st
 
 def pick_sample(s: EditorSession, indices: list[int]) -> tuple[str, torch.Tensor, object] | None:
     """Thumbnails of the filtered samples and an upload box; returns (name, features [1,D], image)."""
-    upload = st.file_uploader("Or upload an image", type=["png", "jpg", "jpeg", "bmp", "webp"], key="upload")
+    upload = st.file_uploader("Or upload an image", type=list(UPLOAD_TYPES), key="upload")
     if upload is not None:
         try:
-            image = read_image_bytes(upload.getvalue())
+            image = read_upload(upload.name, upload.getvalue())
         except ImageReadError as error:
             st.error(f"Cannot use this upload: {error}")
         else:
@@ -178,7 +178,7 @@ def edit_globally(s: EditorSession) -> None:
     if st.button("Save", key="save"):
         try:
             saved = s.save(path, overwrite=overwrite)
-        except (FileExistsError, OSError) as error:
+        except (FileExistsError, OSError, ValueError) as error:
             st.error(str(error))
         else:
             st.success(f"Saved to {saved}.")

@@ -17,14 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from cbm.backbones import Backbone
-from cbm.data.base import ConceptDataset
+from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, read_image_bytes
 from cbm.data.registry import load_dataset
 from cbm.embed import Embeddings, default_cache_dir, embed
 from cbm.models import ConceptBottleneckModel, load
 
 DEFAULT_DATA = "toy:images@val"
+UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "webp")
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+
+
+def read_upload(name: str, data: bytes) -> Image.Image:
+    """An uploaded image as RGB: its name must end in one of ``UPLOAD_TYPES``, its content must be one of
+    ``UPLOAD_FORMATS`` within the size and pixel limits of ``read_image_bytes``; ImageReadError otherwise."""
+    suffix = Path(name).suffix.lower().lstrip(".")
+    if suffix not in UPLOAD_TYPES:
+        raise ImageReadError(f"{name!r} is not a {', '.join(UPLOAD_TYPES)} file; upload an image of one of those types.")
+    return read_image_bytes(data, max_bytes=MAX_UPLOAD_BYTES, formats=UPLOAD_FORMATS)
 
 
 def default_model_path(cache_dir: str | Path | None = None) -> Path:
@@ -103,9 +115,26 @@ class EditorSession:
         self.model = self.history.pop()
         self.trail.append(TrailEntry("undo", "", {}))
 
+    @property
+    def folder(self) -> Path:
+        """The folder of the opened model: a bare file name typed in the editor lands there."""
+        return self.model_path.resolve().parent
+
+    def user_path(self, text: str | Path) -> Path:
+        """A path typed in the editor: a relative one is taken inside ``folder`` and may not climb out of it
+        with ``..`` (a ValueError); an absolute one is the person's explicit choice."""
+        if "\x00" in str(text) or not str(text).strip():
+            raise ValueError("the file name is empty or holds a NUL character; type a file name.")
+        typed = Path(text).expanduser()
+        path = (self.folder / typed).resolve()
+        if not typed.is_absolute() and not path.is_relative_to(self.folder):
+            raise ValueError(f"{str(text)!r} leads outside the model's folder {self.folder}; give a file name inside "
+                             "it, or an absolute path if you mean another folder.")
+        return path
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Save the edited model as a new file; refuses to replace a file unless ``overwrite``."""
-        path = Path(path).expanduser()
+        """Save the edited model as a new file (see ``user_path``); refuses to replace a file unless ``overwrite``."""
+        path = self.user_path(path)
         if path.suffix == "":
             path = path.with_suffix(".cbm")
         if path.exists() and not overwrite:
