@@ -20,7 +20,12 @@ import torch
 from PIL import Image
 
 from cbm.backbones import Backbone
-from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, read_image_bytes
+from cbm.data.base import (
+    MAX_UPLOAD_BYTES,
+    ConceptDataset,
+    ImageReadError,
+    read_image_bytes,
+)
 from cbm.data.registry import load_dataset
 from cbm.embed import Embeddings, default_cache_dir, embed
 from cbm.models import ConceptBottleneckModel, load

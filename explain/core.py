@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cbm.embed import Embeddings
-from cbm.models.base import ConceptBottleneckModel, as_labels, as_real_tensor
+from cbm.models.base import ConceptBottleneckModel, as_labels, as_matrix, as_real_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def as_data(data: DataLike | EvalData, name: str | None = None) -> EvalData:
                         None if data.concept_labels is None else torch.as_tensor(data.concept_labels).float(),
                         data.concept_names, list(data.ids), name or "data", source=data)
     if isinstance(data, tuple) and 1 <= len(data) <= 4:
-        x = as_real_tensor(data[0], "x")
-        y = None if len(data) < 2 or data[1] is None else data[1]
+        x = as_matrix(data[0], f"x of {name or 'data'}")
+        y = None if len(data) < 2 or data[1] is None else as_labels(data[1], len(x), name=f"y of {name or 'data'}")
         concepts = None if len(data) < 3 or data[2] is None else as_real_tensor(data[2], "concept labels")
         names = list(data[3]) if len(data) > 3 and data[3] is not None else None
         return EvalData(x, y, concepts, names, [str(i) for i in range(len(x))], name or "data")

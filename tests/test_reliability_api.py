@@ -16,7 +16,13 @@ import explain
 from cbm.embed import Embeddings
 from cbm.models import EnergyCBM, LaBoCBM, PosthocCBM, SparseCBM, TemporalCBM
 from cbm.models.temporal import VideoSequences, pad_sequences
-from concepts import Candidates, ConceptBank, cavs_from_labels, learn_cavs, select_concepts
+from concepts import (
+    Candidates,
+    ConceptBank,
+    cavs_from_labels,
+    learn_cavs,
+    select_concepts,
+)
 from concepts.bank import BackboneMismatchError
 from explain.metrics import classification, completeness
 
@@ -237,7 +243,11 @@ def test_fit_refuses_bad_labels_and_too_little_data(data, family, labels, rows):
 @pytest.mark.parametrize("family", FLAT)
 def test_fit_refuses_bad_validation_and_class_names(data, family):
     x, y = data["x"], data["y"]
-    fit = lambda **kw: make(family, data)[0].fit(x, y, **{**make(family, data)[1], **kw})  # noqa: E731
+
+    def fit(**options):
+        model, extra = make(family, data)
+        return model.fit(x, y, **extra, **options)
+
     refused(lambda: fit(validation="val.pt"), "validation")
     refused(lambda: fit(validation=(x, y, y)), "validation")
     refused(lambda: fit(validation=(x[:0], y[:0])), "validation x")
@@ -339,7 +349,7 @@ def test_cav_learning_refuses_malformed_examples(side, block, cs):
     examples[side]["c"] = block
     array = np.asarray(block) if not isinstance(block, torch.Tensor) else block.numpy()
     valid = acceptable(block) and array.shape[0] >= 2 and cs == (0.1, 1.0)
-    call = lambda: learn_cavs(examples["positives"], examples["negatives"], cs=cs, solver="fastcav"  # noqa: E731
+    call = lambda: learn_cavs(examples["positives"], examples["negatives"], cs=cs, solver="fastcav"
                               if cs == (0.1, 1.0) else "torch")
     if valid:
         try:
@@ -377,7 +387,7 @@ def test_concept_selection_arguments(data, labels, k, beta, temperature, feature
     x = {"ok": data["x"], "nan": data["x"] * np.nan, "empty": data["x"][:0]}[features]
     y = data["y"]
     y = {"ok": y, "out": y + C, "negative": y - 1, "short": y[:5], "fraction": y + 0.5, "nan": y * np.nan}[labels]
-    call = lambda: select_concepts(candidates, Encoder(), x, y, k=k, beta=beta, temperature=temperature)  # noqa: E731
+    call = lambda: select_concepts(candidates, Encoder(), x, y, k=k, beta=beta, temperature=temperature)
     if labels == "ok" and k == 1 and beta == 1.0 and temperature is None and features == "ok":
         assert len(call()) >= C
     else:

@@ -79,9 +79,8 @@ def as_labels(value: Any, n_samples: int, n_classes: int | None = None, name: st
         raise ValueError(f"{name} must hold integer class indices, got {array.dtype} values; map class names to "
                          "indices first.")
     labels = torch.as_tensor(array)
-    if labels.dtype.is_floating_point:
-        if not (torch.isfinite(labels).all() and torch.equal(labels, labels.round())):
-            raise ValueError(f"{name} must hold integer class indices, got fractional, NaN or infinite values.")
+    if labels.dtype.is_floating_point and not (torch.isfinite(labels).all() and torch.equal(labels, labels.round())):
+        raise ValueError(f"{name} must hold integer class indices, got fractional, NaN or infinite values.")
     limit = n_classes if n_classes is not None else MAX_CLASSES
     if len(labels) and (labels.min() < 0 or labels.max() >= limit):
         if n_classes is None:
@@ -101,7 +100,7 @@ def holdout_split(n: int, seed: int, fraction: float = 0.1) -> tuple[torch.Tenso
         raise ValueError(f"x has {n} sample(s); fitting needs at least 2 when no validation data is given "
                          "(a share is held out for validation), so pass more data or validation=.")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = max(1, int(round(fraction * n)))
+    held = max(1, round(fraction * n))
     logger.info("no validation data given: holding out %d training samples (seed %d)", held, seed)
     return order[held:], order[:held]
 
