@@ -273,12 +273,11 @@ def _all_reduce_max(values: list[int]) -> list[int]:
 def _missing_on_any_rank(key: str, missing: list[int], shards: int) -> list[int]:
     """The shards that some rank lacks; raises when the ranks are not embedding the same cache entry."""
     key_value = int(key[:15], 16)
-    mask = [int(number in missing) for number in range(shards)]
-    reduced = _all_reduce_max([key_value, -key_value, *mask])
-    if reduced[:2] != [key_value, -key_value]:
+    if _all_reduce_max([key_value, -key_value]) != [key_value, -key_value]:  # equal keys first: then equal sizes
         raise ValueError("the ranks of the process group are embedding different data (backbone, dataset, dtype or "
                          "shard_size differ); every rank must call embed with the same arguments.")
-    return [number for number, flag in enumerate(reduced[2:]) if flag]
+    reduced = _all_reduce_max([int(number in missing) for number in range(shards)])
+    return [number for number, flag in enumerate(reduced) if flag]
 
 
 class _Gathered:
