@@ -1,8 +1,10 @@
-"""Faults of the embedding cache: ``cbm embed`` killed at random moments, two processes filling
-one entry at once, a full disk. None may leave a cache that gives wrong features later.
+"""Faults of the embedding cache: ``cbm embed`` killed at random moments and in the middle of a shard
+write, two processes filling one entry at once, a full disk. None may leave a cache that gives wrong
+features later.
 
 ``cbm embed`` runs in forked processes (``cbm.cli.main`` after fork), so a run costs no interpreter
-start-up and the SIGKILL lands inside the embedding, not inside ``import torch``.
+start-up; a kill's random delay counts from the moment the process starts embedding, so it lands
+inside the extraction, not in the set-up before it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save_file as safetensors_save_file
 
 from cbm import cli
 from cbm.backbones import Backbone, load_backbone
@@ -40,9 +43,11 @@ def spec(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(spec, tmp_path_factory):
-    """An uninterrupted run, and how long it took."""
+    """An uninterrupted run, and how long its extraction took (backbone and dataset loaded before)."""
+    backbone, data = load_backbone(spec, device="cpu"), load_dataset(DATA)
     started = time.perf_counter()
-    result = run_embed(spec, tmp_path_factory.mktemp("reference"))
+    result = embed(backbone, data, batch_size=25, cache_dir=tmp_path_factory.mktemp("reference"), num_workers=0,
+                   progress=False, shard_size=SHARD_SIZE)
     return result, time.perf_counter() - started
 
 
@@ -52,11 +57,26 @@ def run_embed(spec: str, cache_dir: Path):
                  progress=False, shard_size=SHARD_SIZE)
 
 
-def cbm_embed(spec: str, cache_dir: Path, out: Path | None = None) -> multiprocessing.Process:
-    """Start ``cbm embed`` in a forked process."""
+def cbm_embed(spec: str, cache_dir: Path, out: Path | None = None, embedding=None,
+              save_file=None) -> multiprocessing.Process:
+    """Start ``cbm embed`` in a forked process; ``embedding`` (an Event) is set when it starts extracting;
+    ``save_file`` replaces the shard writer in that process only."""
     argv = ["embed", spec, DATA, "--batch-size", "25", "--shard-size", str(SHARD_SIZE), "--workers", "0",
             "--device", "cpu", "--cache-dir", str(cache_dir)] + (["--out", str(out)] if out else [])
-    process = multiprocessing.get_context("fork").Process(target=lambda: os._exit(cli.main(argv)))
+
+    def child():
+        encode_shards = embed_module._encode_shards
+
+        def signalling(*args, **kwargs):
+            if embedding is not None:
+                embedding.set()
+            yield from encode_shards(*args, **kwargs)
+
+        embed_module._encode_shards = signalling
+        embed_module.save_file = save_file or embed_module.save_file
+        os._exit(cli.main(argv))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
     return process
 
@@ -88,8 +108,10 @@ def test_killed_five_times_then_rerun_gives_the_uninterrupted_features(spec, ref
     rng = random.Random(12)
     killed_mid_run = 0
     for _ in range(5):
-        process = cbm_embed(spec, tmp_path)
-        time.sleep(rng.uniform(0.0, 0.5 * seconds))
+        embedding = multiprocessing.get_context("fork").Event()
+        process = cbm_embed(spec, tmp_path, embedding=embedding)
+        assert embedding.wait(timeout=60)
+        time.sleep(rng.uniform(0.0, seconds * (20 - len(shards(tmp_path))) / 20))  # within the work left
         if process.is_alive():
             os.kill(process.pid, signal.SIGKILL)
         process.join()
@@ -97,7 +119,7 @@ def test_killed_five_times_then_rerun_gives_the_uninterrupted_features(spec, ref
         for shard in shards(tmp_path):  # whatever a killed run left under a shard's name is a whole, valid shard
             number = int(shard.stem.split("_")[1])
             assert embed_module._read_shard(shard, range(number * SHARD_SIZE, (number + 1) * SHARD_SIZE)) is not None
-    assert killed_mid_run >= 1
+    assert killed_mid_run >= 3 and 0 < len(shards(tmp_path)) < 20, (killed_mid_run, len(shards(tmp_path)))
     finished = len(shards(tmp_path))
     calls = count_encodes(monkeypatch)
     assert_same(run_embed(spec, tmp_path), expected)
@@ -105,6 +127,23 @@ def test_killed_five_times_then_rerun_gives_the_uninterrupted_features(spec, ref
     leftovers = [path for path in tmp_path.glob("embeddings/*/*") if not path.name.startswith("shard_")
                  and path.name != "manifest.json"]
     assert all(path.name.startswith(".") and path.name.endswith(".tmp") for path in leftovers)
+
+
+def killed_while_writing(tensors, path, metadata=None):
+    """The shard writer of a process that dies (SIGKILL) with half a shard written."""
+    safetensors_save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_in_the_middle_of_a_shard_write(spec, reference, tmp_path):
+    process = cbm_embed(spec, tmp_path, save_file=killed_while_writing)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+    assert not shards(tmp_path)  # the half-written shard never got its final name
+    assert len(list(tmp_path.glob("embeddings/*/.shard_00000.safetensors.*.tmp"))) == 1
+    assert_same(run_embed(spec, tmp_path), reference[0])
 
 
 def test_stale_temporary_files_are_removed(spec, reference, tmp_path):
