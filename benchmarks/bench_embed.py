@@ -65,11 +65,12 @@ def _extraction_memory(spec: str, n: int, batch_size: int, shard_size: int, thre
     backbone = load_backbone(spec, device="cpu")
     embed(backbone, NoiseImages(batch_size, backbone.input_size, seed=1), batch_size=batch_size, cache=False,
           num_workers=0, progress=False)  # warm-up: lazy initialisation and allocator pools
+    data = NoiseImages(n, backbone.input_size)  # its ids are the dataset's memory, not the extraction's
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     start = _memory_kb("VmRSS")
     with tempfile.TemporaryDirectory() as cache_dir:
-        result = embed(backbone, NoiseImages(n, backbone.input_size), batch_size=batch_size, cache_dir=cache_dir,
-                       num_workers=0, progress=False, shard_size=shard_size)
+        result = embed(backbone, data, batch_size=batch_size, cache_dir=cache_dir, num_workers=0, progress=False,
+                       shard_size=shard_size)
         peak = _memory_kb("VmHWM")
     return (peak - start) / 1024, result.features.numel() * result.features.element_size() / MB
 
