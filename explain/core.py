@@ -7,6 +7,8 @@ intervened logits. Intervened logits go through ``model.intervene`` unless the m
 ``predict_from_concepts(c) + offset(x)`` (true for every linear head, with or without a residual):
 that is checked numerically once per model and data, and then interventions evaluate only the head,
 which makes intervention curves and ablations cheap even for hundreds of concepts.
+``VideoView`` is the counterpart for temporal models (one row per video); ``make_view`` picks the
+view that fits a model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from cbm.embed import Embeddings
 from cbm.models.base import ConceptBottleneckModel, as_labels, as_matrix, as_real_tensor
+from cbm.models.temporal import TemporalCBM, VideoSequences, sequences_from_windows
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +207,69 @@ class ModelView:
         return torch.cat([self.model.intervene(self.data.features[index], (mask[start:start + len(index)],
                                                                            changed[start:start + len(index)])).detach()
                           for start, index in zip(range(0, len(rows), BATCH_ROWS), rows.split(BATCH_ROWS))]).float()
+
+
+class VideoView:
+    """A temporal model's outputs on whole videos, computed once: the video counterpart of ModelView.
+
+    It offers the part of ModelView that read-only explanations and metrics use, one row per video:
+    ``data`` (an EvalData of the time-averaged window embeddings, for probes; the video labels; and,
+    where the windows carry concept labels, "present in some window" labels), ``concepts`` (video
+    level, the model's log-sum-exp pooling), ``logits``, ``predictions``, ``labels`` and
+    ``contributions`` (time-weighted, [N, C, K]). Concept-level interventions and counterfactuals are
+    not offered. ``sequences`` and ``explanation`` (the model's TemporalExplanation, without attention
+    maps) hold the per-window detail; ``window_ids`` the window sample ids of every video when the
+    data were window Embeddings (else None).
+    """
+
+    def __init__(self, model: TemporalCBM, data: Embeddings | VideoSequences, name: str = "data") -> None:
+        if not isinstance(data, (Embeddings, VideoSequences)):
+            raise TypeError(f"a temporal model is audited on window Embeddings of a video dataset or VideoSequences, "
+                            f"got {type(data).__name__}.")
+        self.model = model
+        self.concept_names = model.concept_names
+        self.class_names = model.class_names
+        self.sequences = sequences_from_windows(data) if isinstance(data, Embeddings) else data
+        sequences = self.sequences
+        self.explanation = model.explain(sequences, return_attention=False)
+        self.logits = self.explanation.logits
+        self.concepts = model.pooled_concepts(sequences)
+        valid = sequences.valid
+        averaged = (sequences.features * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+        labels = None if (sequences.labels < 0).any() else sequences.labels
+        self.window_ids = None
+        concept_labels = None
+        if isinstance(data, Embeddings):
+            self.window_ids = [[data.ids[int(i)] for i in row if i >= 0] for row in sequences.window_index]
+            if data.concept_labels is not None:
+                windows = torch.as_tensor(data.concept_labels).float()
+                concept_labels = torch.stack([windows[row[row >= 0]].amax(0) for row in sequences.window_index])
+        names = data.concept_names if concept_labels is not None else None
+        self.data = EvalData(averaged, labels, concept_labels, names, list(sequences.video_ids), name)
+        check_data(self.data, len(self.class_names))
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def labels(self, purpose: str) -> torch.Tensor:
+        """The video labels, or a ValueError saying that ``purpose`` needs them."""
+        if self.data.labels is None:
+            raise ValueError(f"{purpose} needs video labels, and {self.data.name} has none.")
+        return self.data.labels
+
+    def contributions(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Time-weighted ``model.contributions`` [N, C, K] of the videos ``rows`` (all when None)."""
+        sequences = self.sequences if rows is None else self.sequences.subset(rows)
+        return self.model.contributions(sequences)
+
+
+def make_view(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequences,
+              name: str | None = None) -> ModelView | VideoView:
+    """A VideoView for a temporal model (window Embeddings or VideoSequences), else a ModelView."""
+    if isinstance(model, TemporalCBM):
+        return VideoView(model, data, name or "data")
+    return ModelView(model, as_data(data, name))
 
 
 def concept_bounds(view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,16 +14,17 @@ from typing import Any
 import torch
 
 from cbm.models.base import ConceptBottleneckModel
-from explain.core import DataLike, EvalData, ModelView, as_data, concept_bounds
+from explain.core import DataLike, EvalData, ModelView, VideoView, concept_bounds, make_view
 
 
-def view_of(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None) -> ModelView:
-    """``model`` itself when it is a ModelView, else a view of ``model`` on ``data``."""
-    if isinstance(model, ModelView):
+def view_of(model: ConceptBottleneckModel | ModelView | VideoView,
+            data: DataLike | EvalData | None = None) -> ModelView | VideoView:
+    """``model`` itself when it is a view, else a view of ``model`` on ``data`` (a VideoView for temporal models)."""
+    if isinstance(model, (ModelView, VideoView)):
         return model
     if data is None:
         raise ValueError("data is required with a model (or pass a ModelView).")
-    return ModelView(model, as_data(data))
+    return make_view(model, data)
 
 
 @dataclass
