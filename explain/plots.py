@@ -4,6 +4,7 @@ Every function returns a :class:`matplotlib.figure.Figure` made without pyplot (
 registry, no GUI backend, safe in Streamlit and threads): the audit report embeds them, the
 concept editor shows them with ``st.pyplot(fig)``, and users can ``fig.savefig(...)``.
 ``to_svg`` turns a figure into an ``<svg>`` element an HTML page can inline.
+``timeline_figure`` shows one video of a temporal model window by window (concepts x windows).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
+from cbm.models.temporal import TemporalExplanation
 from explain.core import ci95
 
 if TYPE_CHECKING:
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
 
 POLICY_COLOURS = {"random": "#7f7f7f", "uncertain": "#1f77b4", "contribution": "#ff7f0e", "oracle": "#2ca02c"}
 POSITIVE, NEGATIVE = "#2b7bba", "#d7301f"
+PEAK, EVENT = "#ff7f0e", "#2ca02c"
 
 
 def _short(name: str, width: int = 28) -> str:
@@ -170,4 +175,78 @@ def tcav_figure(report: TCAVReport) -> Figure:
     ax.set_ylabel("TCAV score")
     ax.legend(fontsize=7)
     ax.set_title(f"TCAV (* significant, alpha {report.alpha}, Holm)", fontsize=8)
+    return fig
+
+
+def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Sequence[str], *, row: int = 0,
+                    concepts: Sequence[str] | None = None, k: int = 8, time_importance: Any = None,
+                    windows: Sequence[Sequence[int]] | None = None, event_windows: Sequence[int] = (),
+                    title: str = "", value_label: str = "contribution to the predicted class") -> Figure:
+    """The concept timeline of ONE video: a heatmap of concepts (rows) x windows (columns) with a
+    colorbar, the time importance of every window above it, the most important window outlined.
+
+    ``explanation``: a TemporalExplanation (video ``row``: its per-window contributions to the
+    predicted class and its time importance) or an array [T, K] of per-window values of every
+    concept (``time_importance`` [T] optional; without it the window with the largest total is
+    marked). Rows: ``concepts`` in that order, else the ``k`` with the largest total magnitude.
+    ``windows``: (start, stop) frames of each window for the x labels; ``event_windows``: windows
+    overlapping a ground-truth event, shaded green.
+    """
+    if isinstance(explanation, TemporalExplanation):
+        valid = explanation.valid[row]
+        values = explanation.window_contributions[row][valid]
+        if time_importance is None:
+            time_importance = explanation.time_importance[row][valid]
+    else:
+        values = explanation
+    values = np.asarray(torch.as_tensor(values, dtype=torch.float32))
+    if values.ndim != 2 or values.shape[1] != len(concept_names):
+        raise ValueError(f"per-window values must be [T, {len(concept_names)}], got {values.shape}.")
+    columns = ([list(concept_names).index(name) for name in concepts] if concepts is not None
+               else [int(i) for i in np.argsort(-np.abs(values).sum(0), kind="stable")[:k]])
+    matrix = values[:, columns].T  # [rows, T]
+    n_rows, n_windows = matrix.shape
+    weights = None if time_importance is None else np.asarray(torch.as_tensor(time_importance, dtype=torch.float32))
+    peak = int(np.argmax(weights if weights is not None else matrix.sum(0)))
+
+    fig = Figure(figsize=(min(3.4 + 0.36 * n_windows, 14), 1.9 + 0.26 * n_rows))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.1, max(0.26 * n_rows, 1.2)], width_ratios=[40, 1], hspace=0.06,
+                            wspace=0.03)
+    top, heat, bar = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    heat.sharex(top)
+    for window in event_windows:
+        top.axvspan(window - 0.5, window + 0.5, color=EVENT, alpha=0.18, linewidth=0)
+    if weights is not None:
+        colours = [PEAK if t == peak else "#9ecae1" for t in range(n_windows)]
+        top.bar(range(n_windows), weights, color=colours, width=0.8)
+        top.set_ylim(0, max(float(weights.max()), 1e-6) * 1.2)
+    top.set_ylabel("time\nimportance", fontsize=7)
+    top.tick_params(axis="x", labelbottom=False, length=0)
+    top.tick_params(axis="y", labelsize=6)
+    top.grid(axis="y", alpha=0.3)
+    handles = [Rectangle((0, 0), 1, 1, color=PEAK, label="most important window")]
+    if event_windows:
+        handles.append(Rectangle((0, 0), 1, 1, color=EVENT, alpha=0.3, label="ground-truth event"))
+    top.legend(handles=handles, fontsize=6, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
+               ncol=2, borderaxespad=0.2)
+    if title:
+        top.set_title(title, fontsize=8, loc="left", pad=14 if len(title) > 40 else 4)
+
+    signed = bool((matrix < 0).any())
+    limit = max(float(np.abs(matrix).max()), 1e-6)
+    image = heat.imshow(matrix, aspect="auto", interpolation="nearest", cmap="RdBu_r" if signed else "YlOrRd",
+                        vmin=-limit if signed else 0.0, vmax=limit)
+    heat.add_patch(Rectangle((peak - 0.5, -0.5), 1, n_rows, fill=False, edgecolor="black", linewidth=1.6))
+    heat.set_yticks(range(n_rows), [_short(concept_names[i], 26) for i in columns], fontsize=7)
+    step = max(1, int(np.ceil(n_windows / 24)))
+    ticks = list(range(0, n_windows, step))
+    labels = ([f"{int(windows[t][0])}–{int(windows[t][1])}" for t in ticks] if windows is not None
+              else [str(t) for t in ticks])
+    heat.set_xticks(ticks, labels, fontsize=6, rotation=60 if windows is not None else 0)
+    heat.set_xlabel("window (frames)" if windows is not None else "window", fontsize=7)
+    for tick, t in zip(heat.get_xticklabels(), ticks):
+        if t == peak:
+            tick.set_fontweight("bold")
+    fig.colorbar(image, cax=bar).set_label(value_label, fontsize=7)
+    bar.tick_params(labelsize=6)
     return fig
