@@ -11,6 +11,13 @@ concepts, concept quality, metrics (sparsity, completeness, leakage), edit histo
 ``audit_many`` runs a batch over models x datasets and writes an index with a summary table
 (and the models' stability when several share concepts and classes); ``gates`` turn
 ``metric=value`` lower bounds into failures for CI exit codes.
+
+Temporal (video) models get the same report on whole videos (see :class:`~explain.core.VideoView`:
+time-weighted contributions, video-level pooled concepts, a probe on time-averaged embeddings)
+where explained samples become per-window concept timelines, intervention curves become accuracy
+under attention interventions and zeroed top concepts, and localisation is added when the videos'
+event spans are known (:mod:`explain.video`); sections that need what videos lack (suspect
+concepts, concept-correction curves) are listed in ``omitted`` with the reason and shown as a note.
 """
 
 from __future__ import annotations
@@ -33,18 +40,25 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from cbm.models.base import ConceptBottleneckModel
-from explain import metrics, plots
-from explain.core import DataLike, EvalData, ModelView, as_data
-from explain.explanations import concept_effects, explain_samples, global_importance
+from cbm.models.temporal import VideoSequences
+from explain import metrics, plots, video
+from explain.core import DataLike, EvalData, ModelView, VideoView, make_view
+from explain.explanations import Importance, concept_effects, explain_samples, global_importance
 from explain.interventions import intervention_curves
 
 logger = logging.getLogger(__name__)
 
-FamilyExtra = Callable[[ConceptBottleneckModel, ModelView], dict[str, Any]]
+FamilyExtra = Callable[[ConceptBottleneckModel, ModelView | VideoView], dict[str, Any]]
 FAMILY_EXTRAS: dict[str, FamilyExtra] = {}
 EFFECTIVE_MASS = 0.9
 GATE_METRICS = ("accuracy", "balanced_accuracy", "min_class_accuracy", "completeness", "concept_auc",
-                "concept_accuracy", "shift_accuracy", "oracle_gain", "probe_accuracy")
+                "concept_accuracy", "shift_accuracy", "oracle_gain", "probe_accuracy", "localisation")
+OMITTED_FOR_VIDEOS = {
+    "samples": "shown as per-window concept timelines below.",
+    "interventions": "concept-correction curves need concept labels per video; see the attention and concept "
+                     "interventions instead.",
+    "suspects": "the ablation and plausibility tests work on single embeddings, not on sequences of windows."}
+TIMELINE_CONCEPTS = 8
 
 
 def register_family_extra(family: str, extra: FamilyExtra) -> None:
@@ -73,8 +87,19 @@ def _energy_extra(model: ConceptBottleneckModel, view: ModelView) -> dict[str, A
         for name, row in zip(view.class_names, probabilities)}}
 
 
+def _temporal_extra(model: ConceptBottleneckModel, view: VideoView) -> dict[str, Any]:
+    """Temporal CBM (MoTIF): attention kind, pooling temperature, windows per video, the concepts
+    with the sharpest attention over time."""
+    lengths = view.sequences.lengths.float()
+    temperatures = sorted(model.temperatures().items(), key=lambda item: -item[1])[:3]
+    return {"attention": model.attention, "pooling_tau": model.tau, "windows_audited": int(lengths.sum()),
+            "windows_per_video": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+            "sharpest_attention_temperatures": dict(temperatures)}
+
+
 register_family_extra("posthoc", _posthoc_extra)
 register_family_extra("energy", _energy_extra)
+register_family_extra("temporal", _temporal_extra)
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -191,8 +216,8 @@ def _thumbnail(images: Any, sample_id: str, size: int = 96) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _pick_samples(view: ModelView, count: int) -> list[int]:
-    """Up to ``count`` correct and ``count`` wrong samples: the most and the least confident."""
+def _pick_samples(view: ModelView | VideoView, count: int) -> list[int]:
+    """Up to ``count`` correct and ``count`` wrong samples, the most confident of each."""
     confidence = torch.softmax(view.logits, dim=1).max(dim=1).values
     correct = view.predictions == view.data.labels
     rows = []
@@ -202,9 +227,10 @@ def _pick_samples(view: ModelView, count: int) -> list[int]:
     return rows
 
 
-def audit(model: ConceptBottleneckModel, data: DataLike | EvalData, *, name: str = "model", data_name: str = "data",
-          train: DataLike | EvalData | None = None, shift: DataLike | EvalData | None = None,
-          images: Any = None, plausibility: Any = None, seeds: Sequence[int] = (0, 1, 2),
+def audit(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequences, *, name: str = "model",
+          data_name: str = "data", train: DataLike | EvalData | VideoSequences | None = None,
+          shift: DataLike | EvalData | VideoSequences | None = None, images: Any = None,
+          events: Mapping[str, video.Spans] | None = None, plausibility: Any = None, seeds: Sequence[int] = (0, 1, 2),
           competences: Sequence[float] = (1.0, 0.8), max_samples: int = 2000, examples: int = 3,
           gates: Mapping[str, float] | None = None, out: str | Path | None = None,
           progress: bool = True) -> Report:
@@ -215,6 +241,8 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData, *, name: str
     accuracy on train but not there); ``images``: the dataset behind ``data`` (thumbnails, matched by
     id); ``plausibility``: P(concept | class) [C, K], else estimated from the concept labels of the
     shifted split, else of ``data``. ``gates``: ``{metric: lower bound}`` (see ``GATE_METRICS``).
+    Temporal models take window Embeddings of a video dataset or VideoSequences; ``events``: per
+    video id, the frame spans of its ground-truth events (default: from ``images`` when it knows them).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -225,20 +253,21 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData, *, name: str
         stages.update(1)
         return time.perf_counter()
 
-    data = as_data(data, data_name)
-    if data.labels is None:
+    view = make_view(model, data, data_name)
+    if view.data.labels is None:
         raise ValueError("an audit needs class labels in the data.")
-    view = ModelView(model, data)
-    train_view = None if train is None else ModelView(model, as_data(train, "train"))
-    shift_view = None if shift is None else ModelView(model, as_data(shift, "shift"))
+    videos = isinstance(view, VideoView)
+    train_view = None if train is None else make_view(model, train, "train")
+    shift_view = None if shift is None else make_view(model, shift, "shift")
     now = time.perf_counter()
 
-    report: dict[str, Any] = {"name": name, "data": data_name, "samples_audited": len(data)}
+    report: dict[str, Any] = {"name": name, "data": data_name, "samples_audited": len(view.data)}
     report["model"] = _model_card(model, view)
     classification = metrics.classification(view)
     report["classification"] = classification
     completeness = metrics.completeness(view, train_view)
-    baselines = [("model", classification["accuracy"]), ("linear probe on embeddings", completeness["probe_accuracy"]),
+    probe = "linear probe on time-averaged embeddings" if videos else "linear probe on embeddings"
+    baselines = [("model", classification["accuracy"]), (probe, completeness["probe_accuracy"]),
                  ("majority class", completeness["chance"])]
     recorded = model.metrics_.get("val_accuracy") if hasattr(model, "metrics_") else None
     if recorded is not None:
@@ -258,29 +287,24 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData, *, name: str
                          **metrics.leakage(view, train_view)}
     now = stage("importance and metrics", now)
 
-    explained = explain_samples(view, rows=_pick_samples(view, examples), k=5)
-    report["samples"] = [{**e.to_dict(), "thumbnail": _thumbnail(images, e.id)} for e in explained]
-    now = stage("explained samples", now)
-
-    curves = intervention_curves(view, seeds=seeds, competences=competences, max_samples=max_samples)
-    report["interventions"] = {**curves.to_dict(), "interval": "95% Student-t intervals across the seeds"}
-    now = stage("interventions", now)
-
-    report["suspects"] = _suspects(view, train_view, shift_view, plausibility, max_samples)
-    now = stage("suspects", now)
+    if videos:
+        figures, findings, now = _video_sections(report, view, importance, images, events, seeds, examples, stage,
+                                                 now)
+    else:
+        figures, findings, now = _image_sections(report, view, train_view, shift_view, images, plausibility, seeds,
+                                                 competences, max_samples, examples, stage, now)
 
     quality = metrics.concept_quality(view)
     report["concept_quality"] = quality
     report["edits"] = [asdict(edit) for edit in model.edits_]
-    report["summary"] = _summary(report, curves, shift_view)
+    report["summary"] = _summary(report, shift_view, findings)
     report["gates"] = {"bounds": dict(gates or {}), "failures": check_gates(report["summary"], gates or {})}
     now = stage("concept quality", now)
 
-    figures = {"accuracy": plots.accuracy_figure(baselines),
-               "confusion": plots.confusion_figure(classification["confusion"], view.class_names),
-               "importance": plots.importance_figure(importance, highlight=[s["concept"] for s in report["suspects"][:3]]),
-               "interventions": plots.intervention_figure(curves)}
-    figures.update({f"sample {i}": plots.contribution_figure(e) for i, e in enumerate(explained)})
+    figures.update({"accuracy": plots.accuracy_figure(baselines),
+                    "confusion": plots.confusion_figure(classification["confusion"], view.class_names),
+                    "importance": plots.importance_figure(importance, highlight=[s["concept"] for s in
+                                                                                 report.get("suspects", [])[:3]])})
     if quality["labelled"]:
         figures["concept quality"] = plots.concept_quality_figure(quality["concepts"])
     svgs = {key: plots.to_svg(figure) for key, figure in figures.items()}
@@ -296,11 +320,94 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData, *, name: str
     if out is not None:
         result.write(out)
     logger.info("audit of %s on %s: accuracy %.3f, %d suspects, %.1f s (plots %.1f s)", name, data_name,
-                classification["accuracy"], len(report["suspects"]), timings["total"], timings["plots"])
+                classification["accuracy"], len(report.get("suspects", [])), timings["total"], timings["plots"])
     return result
 
 
-def _model_card(model: ConceptBottleneckModel, view: ModelView) -> dict[str, Any]:
+Stage = Callable[[str, float], float]
+
+
+def _image_sections(report: dict[str, Any], view: ModelView, train_view: ModelView | None,
+                    shift_view: ModelView | None, images: Any, plausibility: Any, seeds: Sequence[int],
+                    competences: Sequence[float], max_samples: int, examples: int, stage: Stage,
+                    now: float) -> tuple[dict[str, Figure], dict[str, float | None], float]:
+    """Explained samples, intervention curves and suspects into ``report``; their figures and the
+    oracle's gain for the summary."""
+    explained = explain_samples(view, rows=_pick_samples(view, examples), k=5)
+    report["samples"] = [{**e.to_dict(), "thumbnail": _thumbnail(images, e.id)} for e in explained]
+    now = stage("explained samples", now)
+
+    curves = intervention_curves(view, seeds=seeds, competences=competences, max_samples=max_samples)
+    report["interventions"] = {**curves.to_dict(), "interval": "95% Student-t intervals across the seeds"}
+    now = stage("interventions", now)
+
+    report["suspects"] = _suspects(view, train_view, shift_view, plausibility, max_samples)
+    now = stage("suspects", now)
+    figures = {"interventions": plots.intervention_figure(curves)}
+    figures.update({f"sample {i}": plots.contribution_figure(e) for i, e in enumerate(explained)})
+    oracle = curves.curve("oracle") if ("oracle", 1.0) in curves.accuracy else None
+    return figures, {"oracle_gain": None if oracle is None else float(oracle[-1] - oracle[0])}, now
+
+
+def _video_sections(report: dict[str, Any], view: VideoView, importance: Importance, images: Any,
+                    events: Mapping[str, video.Spans] | None, seeds: Sequence[int], examples: int, stage: Stage,
+                    now: float) -> tuple[dict[str, Figure], dict[str, float | None], float]:
+    """Timelines, attention and concept interventions and localisation into ``report``; their figures
+    and the localisation rate for the summary."""
+    spans = video.events_of(view, events if events is not None else video.dataset_events(images))
+    top = importance.top(TIMELINE_CONCEPTS)
+    timelines, figures = [], {}
+    for i, row in enumerate(_pick_samples(view, examples)):
+        predicted = view.class_names[int(view.predictions[row])]
+        concepts = [c for c, _ in top.get(predicted, [])] or _own_top(view, row)
+        entry = video.timeline(view, row, concepts, None if spans is None else spans[row])
+        entry["frames"] = _window_thumbnails(images, view, row)
+        timelines.append(entry)
+        figures[f"timeline {i}"] = plots.timeline_figure(
+            view.explanation, view.concept_names, row=row, concepts=entry["concepts"], windows=entry["windows"],
+            event_windows=entry.get("event_windows", ()),
+            title=f"{_short_id(entry['id'])}: true {entry['true']}, predicted {predicted}",
+            value_label=f"contribution to {predicted}")
+    report["timelines"] = timelines
+    now = stage("timelines", now)
+
+    attention = video.attention_modes(view, seeds)
+    zeroed = video.zeroed_top_concepts(view)
+    report["attention"] = {"modes": attention, "zeroed": zeroed, "shuffled_seeds": list(seeds)}
+    figures["attention"] = plots.accuracy_figure(
+        [(f"attention: {row['mode']}", row["accuracy"]) for row in attention]
+        + [(f"top {row['concepts']} concepts zeroed", row["accuracy"]) for row in zeroed])
+    now = stage("attention and concept interventions", now)
+
+    report["omitted"] = dict(OMITTED_FOR_VIDEOS)
+    if spans is None:
+        report["omitted"]["localisation"] = ("the data carry no ground-truth event spans (pass events=, or the "
+                                             "dataset, e.g. toy:videos, as images=).")
+    else:
+        report["localisation"] = video.localisation(view, spans)
+    now = stage("localisation", now)
+    return figures, {"localisation": report.get("localisation", {}).get("rate")}, now
+
+
+def _own_top(view: VideoView, row: int) -> list[str]:
+    """The concepts with the largest time-weighted contributions to video ``row``'s prediction."""
+    order = view.explanation.concept_importance[row].argsort(descending=True)[:TIMELINE_CONCEPTS]
+    return [view.concept_names[int(k)] for k in order]
+
+
+def _short_id(sample_id: str) -> str:
+    return sample_id if len(sample_id) <= 32 else "…" + sample_id[-31:]
+
+
+def _window_thumbnails(images: Any, view: VideoView, row: int) -> list[str] | None:
+    """PNG data URIs of the middle frame of every window of video ``row`` (None without the dataset)."""
+    if images is None or view.window_ids is None:
+        return None
+    frames = [_thumbnail(images, window, size=48) for window in view.window_ids[row]]
+    return None if None in frames else frames
+
+
+def _model_card(model: ConceptBottleneckModel, view: ModelView | VideoView) -> dict[str, Any]:
     params = {key: value for key, value in model.get_params(deep=False).items()
               if isinstance(value, (str, int, float, bool, type(None)))}
     card = {"family": model.family or type(model).__name__, "class": type(model).__name__,
@@ -329,17 +436,17 @@ def _suspects(view: ModelView, train_view: ModelView | None, shift_view: ModelVi
                                     drop_shift=drop_shift)
 
 
-def _summary(report: dict[str, Any], curves: Any, shift_view: ModelView | None) -> dict[str, float | None]:
+def _summary(report: dict[str, Any], shift_view: ModelView | VideoView | None,
+             findings: Mapping[str, float | None]) -> dict[str, float | None]:
     classification = report["classification"]
     per_class = [v for v in classification["per_class_accuracy"].values() if v is not None]
     quality = report["concept_quality"]
-    oracle = ("oracle", 1.0) in curves.accuracy
     return {"accuracy": classification["accuracy"], "balanced_accuracy": classification["balanced_accuracy"],
             "min_class_accuracy": min(per_class), "probe_accuracy": report["metrics"]["probe_accuracy"],
             "completeness": report["metrics"]["completeness"], "leakage": report["metrics"]["leakage"],
             "concept_auc": quality["mean_auc"], "concept_accuracy": quality["mean_accuracy"],
             "shift_accuracy": None if shift_view is None else report["accuracy"][-1]["accuracy"],
-            "oracle_gain": float(curves.curve("oracle")[-1] - curves.curve("oracle")[0]) if oracle else None}
+            "oracle_gain": None, "localisation": None, **findings}
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -351,6 +458,8 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px so
 th{background:#f4f4f4}data{font-variant-numeric:tabular-nums}.fail{color:#b00020;font-weight:600}.ok{color:#1a7f37}
 .samples{display:flex;flex-wrap:wrap;gap:12px}.sample{border:1px solid #ddd;border-radius:6px;padding:8px;width:330px}
 .sample img{image-rendering:pixelated;float:right;margin-left:6px}.wrong{border-color:#d7301f}
+.timeline{border:1px solid #ddd;border-radius:6px;padding:8px;margin:10px 0}.frames{display:flex;gap:2px;margin:6px 0}
+.frames img{image-rendering:pixelated;border:1px solid #ccc}
 svg{max-width:100%;height:auto}.note{color:#666;font-size:.85em}nav a{margin-right:.8em}
 """
 
@@ -385,9 +494,11 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
     title = f"Audit of {report['name']} on {report['data']}"
     page.add(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_text(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{_text(title)}</h1>")
-    sections = ["model card", "accuracy", "confusion matrix", "importance", "explained samples", "interventions",
-                "suspect concepts", "concept quality", "metrics", "edit history"]
-    page.add("<nav>" + "".join(f"<a href='#{s.replace(' ', '-')}'>{s}</a>" for s in sections) + "</nav>")
+    omitted = report.get("omitted", {})
+    sections = [(label, key, heading, render) for label, key, heading, render in SECTIONS
+                if key in report or key in omitted]
+    page.add("<nav>" + "".join(f"<a href='#{label.replace(' ', '-')}'>{label}</a>" for label, key, *_ in sections
+                               if key not in omitted) + "</nav>")
     gates = report["gates"]
     if gates["bounds"]:
         verdict = ("<span class='fail'>FAILED</span>" + "<ul>" + "".join(f"<li>{_text(f)}</li>" for f in gates["failures"])
@@ -395,12 +506,26 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
         page.add(f"<p>Gates {verdict}</p>")
         page.table(["metric", "required at least", "value"],
                    [[_text(k), page.num("gates", "bounds", k), page.num("summary", k)] for k in gates["bounds"]])
+    for label, key, heading, render in sections:
+        page.add(f"<h2 id='{label.replace(' ', '-')}'>{heading}</h2>")
+        if key in omitted:
+            page.add(f"<p class='note'>Not part of a video audit: {_text(omitted[key])}</p>")
+        else:
+            render(page, report, svgs)
+    page.add("</body></html>")
+    return "".join(page.parts)
 
+
+def _is_video(report: Mapping[str, Any]) -> bool:
+    return "attention" in report
+
+
+def _html_model_card(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     card = report["model"]
-    page.add("<h2 id='model-card'>Model card</h2>")
     rows = [["family", _text(card["family"])], ["backbone", _text(card["backbone"])],
             ["backbone fingerprint", _text(card["backbone_fingerprint"])], ["concepts", page.num("model", "concepts")],
-            ["classes", page.num("model", "classes")], ["samples audited", page.num("samples_audited")]]
+            ["classes", page.num("model", "classes")],
+            ["videos audited" if _is_video(report) else "samples audited", page.num("samples_audited")]]
     rows += _key_values(page, ("model", "parameters"), card["parameters"])
     rows += _key_values(page, ("model", "training"), card["training"])
     rows += _key_values(page, ("model", "recorded_metrics"), card["recorded_metrics"])
@@ -409,27 +534,33 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
         page.add(f"<h3>{_text(card['family'])} specifics</h3>")
         page.table(["", ""], _key_values(page, ("model", "family_extras"), card["family_extras"]))
 
-    page.add("<h2 id='accuracy'>Accuracy against baselines</h2>")
+
+def _html_accuracy(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     page.table(["", "accuracy"], [[_text(row["name"]), page.num("accuracy", i, "accuracy")]
                                   for i, row in enumerate(report["accuracy"])])
     page.add(svgs["accuracy"])
 
-    classification = report["classification"]
-    page.add("<h2 id='confusion-matrix'>Confusion matrix</h2>")
+
+def _html_confusion(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     page.add(f"<p>Balanced accuracy {page.num('classification', 'balanced_accuracy')}.</p>")
     page.add(svgs["confusion"])
     page.table(["class", "accuracy"], [[_text(c), page.num("classification", "per_class_accuracy", c)]
-                                       for c in classification["per_class_accuracy"]])
+                                       for c in report["classification"]["per_class_accuracy"]])
 
-    page.add("<h2 id='importance'>Global concept importance per class</h2>"
-             "<p class='note'>Mean contribution of a concept to the class's logit on the class's samples, minus its "
-             "mean over all samples. Suspect concepts are marked red.</p>")
+
+def _html_importance(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
+    page.add("<p class='note'>Mean contribution of a concept to the class's logit on the class's samples, minus its "
+             "mean over all samples. " + ("Contributions of a video are time-weighted: each window's counts with the "
+                                          "weight the model's pooling gives it." if _is_video(report)
+                                          else "Suspect concepts are marked red.") + "</p>")
     page.add(svgs["importance"])
     page.table(["class", "top concepts"], [
         [_text(c), ", ".join(f"<span>{_text(item['concept'])}</span> ({page.num('importance', 'top', c, j, 'value')})"
                              for j, item in enumerate(items))] for c, items in report["importance"]["top"].items()])
 
-    page.add("<h2 id='explained-samples'>Explained samples</h2><div class='samples'>")
+
+def _html_samples(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
+    page.add("<div class='samples'>")
     for i, sample in enumerate(report["samples"]):
         wrong = sample["true"] != sample["predicted"]
         image = f"<img src='{sample['thumbnail']}' width='96' height='96' alt='sample'>" if sample["thumbnail"] else ""
@@ -444,8 +575,29 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
                  f"{svgs[f'sample {i}']}<p class='note'>Counterfactual: {change} {outcome}</p></div>")
     page.add("</div>")
 
+
+def _html_timelines(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
+    page.add("<p class='note'>The most confident correct and wrong videos. Frames: the middle frame of each window. "
+             "Rows: the predicted class's top concepts; cells: each concept's contribution to the predicted class in "
+             "each window; bars: the weight the pooling gives each window (time importance), the most important "
+             "window outlined; green: windows overlapping a ground-truth event.</p>")
+    for i, entry in enumerate(report["timelines"]):
+        wrong = entry["true"] != entry["predicted"]
+        where = ""
+        if "hit" in entry:
+            where = "; it overlaps an event" if entry["hit"] else "; it does not overlap an event"
+        page.add(f"<div class='timeline{' wrong' if wrong else ''}'><b>{_text(entry['id'])}</b>: true "
+                 f"<b>{_text(entry['true'])}</b>, predicted <b>{_text(entry['predicted'])}</b> "
+                 f"(p = {page.num('timelines', i, 'probability')}); most important window "
+                 f"{page.num('timelines', i, 'most_important_window')}{where}.")
+        if entry["frames"]:
+            page.add("<div class='frames'>" + "".join(f"<img src='{uri}' width='48' height='48' alt='window'>"
+                                                      for uri in entry["frames"]) + "</div>")
+        page.add(svgs[f"timeline {i}"] + "</div>")
+
+
+def _html_interventions(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     curves = report["interventions"]
-    page.add("<h2 id='interventions'>Intervention curves</h2>")
     page.add(f"<p class='note'>Truth: <span>{_text(curves['truth'])}</span>; {page.num('interventions', 'samples')} "
              f"samples; <span>{_text(curves['interval'])}</span>.</p>")
     page.add(svgs["interventions"])
@@ -456,7 +608,38 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
          f"{page.num('interventions', 'rows', i, 'ci_low')} – {page.num('interventions', 'rows', i, 'ci_high')}"]
         for i, row in enumerate(curves["rows"]) if row["concepts"] in (0, min(5, last), last)])
 
-    page.add("<h2 id='suspect-concepts'>Suspect concepts</h2>")
+
+ATTENTION_MODE_TEXT = {"learned": "the learned attention (the model as is)",
+                       "identity": "identity: each window attends only to itself",
+                       "uniform": "uniform: each window attends equally to every window",
+                       "reversed": "reversed: each window reads the mirrored window's values",
+                       "shuffled": "shuffled: keys permuted at random inside each video"}
+
+
+def _html_attention(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
+    page.add("<p class='note'>Accuracy when the attention over time is replaced (a model that uses the order of "
+             "events loses accuracy under reversed and shuffled attention), and when each video's most "
+             "contributing concepts are set to zero in every window. Changed: the share of predictions that differ "
+             "from the model's.</p>")
+    page.add(svgs["attention"])
+    modes = [[_text(ATTENTION_MODE_TEXT.get(row["mode"], row["mode"])), page.num("attention", "modes", i, "accuracy"),
+              page.num("attention", "modes", i, "changed"), page.num("attention", "modes", i, "seeds")]
+             for i, row in enumerate(report["attention"]["modes"])]
+    zeroed = [[f"top {page.num('attention', 'zeroed', i, 'concepts')} concepts of each video set to zero",
+               page.num("attention", "zeroed", i, "accuracy"), page.num("attention", "zeroed", i, "changed"), ""]
+              for i, _ in enumerate(report["attention"]["zeroed"])]
+    page.table(["intervention", "accuracy", "changed", "seeds"], modes + zeroed)
+
+
+def _html_localisation(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
+    page.add(f"<p>Of {page.num('localisation', 'videos')} correctly classified videos, the most important window "
+             f"overlaps a ground-truth event in {page.num('localisation', 'hits')}: a rate of "
+             f"{page.num('localisation', 'rate')}, where a random window of the same videos would reach "
+             f"{page.num('localisation', 'chance')}. Videos with known events: "
+             f"{page.num('localisation', 'videos_with_events')}.</p>")
+
+
+def _html_suspects(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     if report["suspects"]:
         page.add("<p class='note'>Most suspect first.</p>")
         page.table(["concept", "score", "class", "effect share", "plausibility lift", "ablation drop in distribution",
@@ -468,8 +651,12 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
     else:
         page.add("<p>Not computed: needs concept labels (or a plausibility matrix) or a shifted split.</p>")
 
+
+def _html_concept_quality(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     quality = report["concept_quality"]
-    page.add("<h2 id='concept-quality'>Concept quality</h2>")
+    if _is_video(report):
+        page.add("<p class='note'>Video-level concepts: the model's log-sum-exp of the per-window concepts, against "
+                 "labels that say whether a concept is present in some window of the video.</p>")
     if quality["labelled"]:
         page.add(f"<p>Mean ROC-AUC {page.num('concept_quality', 'mean_auc')}, mean accuracy "
                  f"{page.num('concept_quality', 'mean_accuracy')}.</p>")
@@ -478,16 +665,20 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
     page.table(["concept", *keys], [[_text(row["concept"]), *[page.num("concept_quality", "concepts", i, key) for key in keys]]
                                     for i, row in enumerate(quality["concepts"])])
 
-    page.add("<h2 id='metrics'>Metrics</h2>")
+
+def _html_metrics(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     scalar = [key for key, value in report["metrics"].items() if not isinstance(value, dict)]
     page.table(["metric", "value"], [[_text(key), page.num("metrics", key)] for key in scalar])
     page.add("<p class='note'>Effective concepts: the fewest concepts carrying a share effective_concept_mass of a "
              "class's mean absolute contribution. Completeness: (accuracy - chance) / (probe - chance). Leakage: probe accuracy on soft "
-             "minus on binarised concept activations.</p>")
+             "minus on binarised concept activations"
+             + (" (video level; completeness's probe reads time-averaged embeddings)." if _is_video(report) else ".")
+             + "</p>")
     page.table(["class", "effective concepts"], [[_text(c), page.num("metrics", "effective_concepts", c)]
                                                  for c in report["metrics"]["effective_concepts"]])
 
-    page.add("<h2 id='edit-history'>Edit history</h2>")
+
+def _html_edits(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
     if report["edits"]:
         page.table(["action", "concept", "classes", "reason", "before", "after"], [
             [_text(e["action"]), _text(e["concept"]), ", ".join(f"<span>{_text(c)}</span>" for c in e["classes"][:6]), _text(e["reason"]),
@@ -496,8 +687,26 @@ def render_html(report: dict[str, Any], svgs: Mapping[str, str]) -> str:
             for i, e in enumerate(report["edits"])])
     else:
         page.add("<p>No edits.</p>")
-    page.add("</body></html>")
-    return "".join(page.parts)
+
+
+Section = Callable[[_Page, dict[str, Any], Mapping[str, str]], None]
+#: (navigation label, JSON key, heading, renderer) in page order; a section shows when its key is in
+#: the report, or as a one-line note when the key is in ``report["omitted"]``.
+SECTIONS: list[tuple[str, str, str, Section]] = [
+    ("model card", "model", "Model card", _html_model_card),
+    ("accuracy", "accuracy", "Accuracy against baselines", _html_accuracy),
+    ("confusion matrix", "classification", "Confusion matrix", _html_confusion),
+    ("importance", "importance", "Global concept importance per class", _html_importance),
+    ("explained samples", "samples", "Explained samples", _html_samples),
+    ("timelines", "timelines", "Per-window concept timelines", _html_timelines),
+    ("interventions", "interventions", "Intervention curves", _html_interventions),
+    ("attention", "attention", "Attention and concept interventions", _html_attention),
+    ("localisation", "localisation", "Localisation of the most important window", _html_localisation),
+    ("suspect concepts", "suspects", "Suspect concepts", _html_suspects),
+    ("concept quality", "concept_quality", "Concept quality", _html_concept_quality),
+    ("metrics", "metrics", "Metrics", _html_metrics),
+    ("edit history", "edits", "Edit history", _html_edits),
+]
 
 
 def _key_values(page: _Page, prefix: tuple[str | int, ...], values: Mapping[str, Any] | list[Any],

@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from cbm.models.base import ConceptBottleneckModel
 from explain import metrics
 from explain.audit import STYLE, Report, _Page, _text, audit, jsonable
+from explain.video import Spans
 
 logger = logging.getLogger(__name__)
 
 DataSource = Any | Callable[[ConceptBottleneckModel], Any]
 SUMMARY_COLUMNS = ("accuracy", "balanced_accuracy", "shift_accuracy", "completeness", "leakage", "concept_auc",
-                   "oracle_gain")
+                   "oracle_gain", "localisation")
 
 
 @dataclass
@@ -53,10 +54,11 @@ def _resolve(source: DataSource | None, model: ConceptBottleneckModel) -> Any:
 
 def audit_many(models: Mapping[str, ConceptBottleneckModel], datasets: Mapping[str, DataSource], out: str | Path, *,
                train: DataSource | None = None, shift: DataSource | None = None,
-               images: Mapping[str, Any] | None = None, gates: Mapping[str, float] | None = None,
-               progress: bool = True, **options: Any) -> BatchReport:
+               images: Mapping[str, Any] | None = None, events: Mapping[str, Mapping[str, Spans]] | None = None,
+               gates: Mapping[str, float] | None = None, progress: bool = True, **options: Any) -> BatchReport:
     """Audit every model on every dataset into ``out/<model>__<data>/`` plus ``out/index.html`` and
-    ``out/summary.json``; ``options`` go to :func:`explain.audit.audit`."""
+    ``out/summary.json``; ``images`` and ``events`` (video event spans per video id) are keyed by
+    dataset name; ``options`` go to :func:`explain.audit.audit`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports, rows, resolved = [], [], {}
@@ -67,12 +69,12 @@ def audit_many(models: Mapping[str, ConceptBottleneckModel], datasets: Mapping[s
         resolved[(model_name, data_name)] = data
         folder = out / f"{_slug(model_name)}__{_slug(data_name)}"
         report = audit(model, data, name=model_name, data_name=data_name, train=_resolve(train, model),
-                       shift=_resolve(shift, model), images=(images or {}).get(data_name), gates=gates,
-                       out=folder, progress=progress, **options)
+                       shift=_resolve(shift, model), images=(images or {}).get(data_name),
+                       events=(events or {}).get(data_name), gates=gates, out=folder, progress=progress, **options)
         reports.append(report)
         rows.append({"model": model_name, "data": data_name, "report": f"{folder.name}/report.html",
                      "family": report.data["model"]["family"],
-                     "top_suspect": report.data["suspects"][0]["concept"] if report.data["suspects"] else None,
+                     "top_suspect": report.data["suspects"][0]["concept"] if report.data.get("suspects") else None,
                      "failures": report.failures, **{k: report.summary.get(k) for k in SUMMARY_COLUMNS}})
     summary = {"rows": rows, "gates": dict(gates or {}), "stability": _stability(models, datasets, resolved)}
     summary = jsonable(summary)

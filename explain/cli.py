@@ -18,11 +18,12 @@ logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
   cbm audit pcbm.cbm --data toy:images@test --out audit/
+  cbm audit motif.cbm --data toy:videos@test --out audit/      # a temporal (video) model: timelines, attention
   cbm audit pcbm.cbm pcbm-h.cbm --data toy:spurious@val --train toy:spurious@train --shift toy:spurious@test \\
       --out audit/ --fail-under accuracy=0.8 --fail-under concept_auc=0.7
 
 gate metrics (--fail-under METRIC=VALUE, repeatable): accuracy, balanced_accuracy, min_class_accuracy,
-completeness, concept_auc, concept_accuracy, shift_accuracy, oracle_gain, probe_accuracy"""
+completeness, concept_auc, concept_accuracy, shift_accuracy, oracle_gain, probe_accuracy, localisation (videos)"""
 
 
 class _Embedder:
@@ -58,6 +59,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from cbm.models import load
     from explain.audit import parse_gates
     from explain.batch import audit_many, summary_lines
+    from explain.video import dataset_events
 
     gates = parse_gates(args.fail_under)
     models = {}
@@ -72,6 +74,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     batch = audit_many(models, {spec: source(spec) for spec in args.data}, args.out, train=source(args.train),
                        shift=source(args.shift),
                        images=None if args.no_thumbnails else {spec: embedder.dataset(spec) for spec in args.data},
+                       events={spec: dataset_events(embedder.dataset(spec)) for spec in args.data},
                        gates=gates, seeds=tuple(range(args.seeds)), competences=tuple(args.competence),
                        max_samples=args.max_samples, progress=not args.quiet)
     print("\n".join(summary_lines(batch)))
