@@ -38,8 +38,8 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +90,16 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, rows: Sequence[int] | np.ndarray | torch.Tensor | slice) -> Embeddings:
+        """The samples ``rows`` (indices or a slice), every per-sample field kept aligned."""
+        index = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        if index.ndim != 1 or (len(index) and (index.min() < -len(self) or index.max() >= len(self))):
+            raise IndexError(f"rows must be a 1-d list of sample indices in [0, {len(self)}).")
+        tensor_index = torch.as_tensor(index, dtype=torch.long)
+        return replace(self, features=self.features[tensor_index], labels=self.labels[tensor_index],
+                       ids=[self.ids[i] for i in index], meta={key: value[index] for key, value in self.meta.items()},
+                       concept_labels=None if self.concept_labels is None else self.concept_labels[tensor_index])
 
 
 class _Preprocessed(Dataset):

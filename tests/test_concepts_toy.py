@@ -7,9 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cbm.backbones import TOY_SPECS, load_backbone
-from cbm.data.toy import CLASS_NAMES, CONCEPTS, ToyImages, class_concept_matrix
-from cbm.embed import embed
+from cbm.backbones import TOY_SPECS
+from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
 from concepts import Candidates, ConceptBank, cavs_from_labels, from_class_concept_matrix, select_concepts
 
 pytestmark = pytest.mark.skipif(
@@ -28,19 +27,10 @@ _HOW = ["an old {}", "a {} at night", "someone holding a {}", "a {} in the rain"
 DISTRACTORS = [how.format(thing) for thing in _THINGS for how in _HOW]
 
 
-@pytest.fixture(scope="session")
-def toy_embeddings(tmp_path_factory):
-    """Embeddings of small toy splits under both shipped models (cached under a temporary folder)."""
-    cache = tmp_path_factory.mktemp("concepts_toy_cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = {}
-    for spec in ("toy:clip", "toy:cnn"):
-        backbone = load_backbone(spec, device="cpu")
-        out[spec] = (backbone, {split: embed(backbone, ToyImages(split, n, seed=0), cache_dir=cache, progress=False,
-                                             num_workers=0) for split, n in SIZES.items()})
-    yield out
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def toy_embeddings(toy_splits):
+    """Small toy splits under both shipped models."""
+    return {spec: toy_splits(spec, sizes=SIZES) for spec in ("toy:clip", "toy:cnn")}
 
 
 def mean_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -260,34 +260,26 @@ _OBJECTS = ["accordion", "lighthouse", "marathon runner", "spreadsheet", "waterf
             "rainforest", "barber shop", "tugboat", "koala", "hot air balloon", "bookshelf"]
 _FRAMES = ["a {} seen from far away", "a picture of a {}", "the smell of a {}", "a {} during winter"]
 DISTRACTORS = [frame.format(thing) for thing in _OBJECTS for frame in _FRAMES]
-_TOY: dict = {}
 
 
-def toy_setup(tmp_path_factory) -> dict:
-    """Toy-world splits embedded once per session with toy:clip (small sizes, a temporary cache),
-    candidates (each class's real concepts plus every distractor) and the full 30 + 104 concept bank."""
-    if not _TOY:
-        from cbm.backbones import load_backbone
-        from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
-        from cbm.demo import toy_embeddings
-        from concepts import Candidates, from_class_concept_matrix
+@pytest.fixture(scope="module")
+def toy(toy_splits) -> dict:
+    """Toy-world splits embedded with toy:clip (small sizes), candidates (each class's real concepts
+    plus every distractor) and the full 30 + 104 concept bank."""
+    from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
+    from concepts import Candidates, from_class_concept_matrix
 
-        torch.set_num_threads(1)
-        cache = tmp_path_factory.getbasetemp() / "labo_sparse_toy_cache"
-        clip = load_backbone("toy:clip", device="cpu")
-        splits = toy_embeddings(clip, "toy:images", sizes=TOY_SIZES, cache_dir=cache, progress=False)
-        real = from_class_concept_matrix(CLASS_NAMES, CONCEPTS, class_concept_matrix(), threshold=0.5)
-        candidates = Candidates({name: phrases + DISTRACTORS for name, phrases in real.per_class.items()})
-        _TOY.update(splits, clip=clip, candidates=candidates, class_names=list(CLASS_NAMES),
-                    bank=ConceptBank.from_text(list(CONCEPTS) + DISTRACTORS, clip))
-    return _TOY
+    clip, splits = toy_splits("toy:clip", sizes=TOY_SIZES)
+    real = from_class_concept_matrix(CLASS_NAMES, CONCEPTS, class_concept_matrix(), threshold=0.5)
+    candidates = Candidates({name: phrases + DISTRACTORS for name, phrases in real.per_class.items()})
+    return {**splits, "clip": clip, "candidates": candidates, "class_names": list(CLASS_NAMES),
+            "bank": ConceptBank.from_text(list(CONCEPTS) + DISTRACTORS, clip)}
 
 
 @pytest.mark.skipif(TOY_MISSING, reason="the shipped toy:clip (cbm/assets/toy_clip) is missing")
-def test_toy_world_labo_against_the_linear_probe(tmp_path_factory):
+def test_toy_world_labo_against_the_linear_probe(toy):
     from concepts import select_concepts
 
-    toy = toy_setup(tmp_path_factory)
     assert len(DISTRACTORS) >= 100
     train, val, test = toy["train"], toy["val"], toy["test"]
     rows = []

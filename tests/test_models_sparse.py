@@ -11,7 +11,7 @@ from cbm.models.labo import LinearProbe
 from cbm.models.sparse import (ConceptMatrixSearch, SparseCBM, concept_matrix_search, contrastive_loss, gumbel_loss,
                                top_share)
 from concepts.bank import ConceptBank
-from test_models_labo import TOY_MISSING, make_world, toy_setup
+from test_models_labo import TOY_MISSING, make_world, toy  # noqa: F401 (toy: a shared fixture)
 from tiny_models import rewrite_manifest
 
 C, K = 6, 24
@@ -168,11 +168,10 @@ def test_cms_classifies_the_synthetic_world(world):
 
 
 @pytest.mark.skipif(TOY_MISSING, reason="the shipped toy:clip (cbm/assets/toy_clip) is missing")
-def test_toy_world_sparse_cbm_variants_and_cms(tmp_path_factory):
+def test_toy_world_sparse_cbm_variants_and_cms(toy):
     from cbm.data.toy import class_prompts
     from cbm.toymodels.quality import zero_shot_accuracy
 
-    toy = toy_setup(tmp_path_factory)
     train, val, test, bank = toy["train"], toy["val"], toy["test"], toy["bank"]
     probe = LinearProbe().fit(train, validation=val).score(test)
     print(f"\ntoy world, {len(bank)} concepts ({len(bank) - 30} distractors); linear probe {probe:.3f}")

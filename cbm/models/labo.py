@@ -30,7 +30,6 @@ prediction, explanations and edits; ``association_`` keeps the raw W.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -306,13 +305,7 @@ def few_shot_indices(labels: Any, shots: int | str, seed: int = 1) -> np.ndarray
 def few_shot(data: Embeddings | tuple[Any, Any], shots: int | str, seed: int = 1) -> Embeddings | tuple[Any, Any]:
     """The few-shot training subset of an Embeddings (or an (x, y) pair); validation and test stay full."""
     if isinstance(data, Embeddings):
-        index = few_shot_indices(data.labels, shots, seed)
-        tensor_index = torch.as_tensor(index, dtype=torch.long)
-        meta = {key: value[index] for key, value in data.meta.items()}
-        return dataclasses.replace(
-            data, features=data.features[tensor_index], labels=data.labels[tensor_index],
-            ids=[data.ids[i] for i in index], meta=meta,
-            concept_labels=None if data.concept_labels is None else data.concept_labels[tensor_index])
+        return data.subset(few_shot_indices(data.labels, shots, seed))
     x, y = data
     index = few_shot_indices(y, shots, seed)
     return x[index], y[index]
