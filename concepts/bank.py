@@ -72,7 +72,7 @@ def real_tensor(value: Any, name: str) -> torch.Tensor:
     tensor = value
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise ValueError(f"{name} must hold real numbers, got dtype {tensor.dtype}; convert it to float first.")
-    return tensor.detach().to(torch.float32)
+    return tensor.to(torch.float32)  # no detach: gradients flow through the models (TCAV)
 
 
 def encode_concepts(encoder: TextEncoder, names: Sequence[str],
