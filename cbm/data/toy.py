@@ -37,7 +37,7 @@ from cbm.data.base import ConceptDataset, VideoWindowDataset, digest, window_spa
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = "toy-world-1"
+WORLD_VERSION = "toy-world-2"
 
 # ---------------------------------------------------------------------------------------------
 # Concepts
@@ -80,12 +80,13 @@ OUTLINE_RGB = {"black": (0, 0, 0), "white": (255, 255, 255)}
 FRAME_RGB = (135, 88, 45)  # a wooden brown, distinct from every object colour
 
 # Object radius (fraction of the image side) per size category; concepts use the thresholds.
-SIZE_RADIUS = {"small": (0.095, 0.11), "medium": (0.14, 0.155), "large": (0.195, 0.215)}
-SMALL_BELOW = 0.125
-LARGE_ABOVE = 0.175
-PAIR_SCALE = 0.72  # each copy of a pair is this much smaller
+SIZE_RADIUS = {"small": (0.11, 0.125), "medium": (0.16, 0.175), "large": (0.215, 0.235)}
+SMALL_BELOW = 0.1425
+LARGE_ABOVE = 0.195
+PAIR_SCALE = 0.75  # each copy of a pair is this much smaller
 FRAME_WIDTH = 0.065
-BLUR_RADIUS = 0.025
+BLUR_RADIUS = 0.02
+PATTERN_SHADE = 0.4  # patterns alternate the object's colour with this darker shade of it
 
 # ---------------------------------------------------------------------------------------------
 # Classes: mixtures of modes; each mode overrides the world defaults of some groups
@@ -280,7 +281,7 @@ def _extent(radius: float, pair: bool, axis: str) -> tuple[float, float]:
 
 
 def _pair_offset(radius: float) -> float:
-    return radius * PAIR_SCALE * 1.3
+    return radius * PAIR_SCALE * 1.25
 
 
 def _place(u: float, third: int, extent: float) -> float:
@@ -478,7 +479,7 @@ def _pattern_mask(scene: Scene, size: int) -> np.ndarray | None:
 @functools.lru_cache(maxsize=8)
 def _noise_bank(size: int) -> np.ndarray:
     """A fixed field of Gaussian noise; noisy backgrounds are crops of it."""
-    return np.random.default_rng(20261129).normal(0.0, 42.0, size=(4 * size, 4 * size)).astype(np.float32)
+    return np.random.default_rng(20261129).normal(0.0, 36.0, size=(4 * size, 4 * size)).astype(np.float32)
 
 
 def _background(scene: Scene, size: int) -> np.ndarray:
@@ -508,7 +509,7 @@ def render_array(scene: Scene, size: int = 64) -> np.ndarray:
             image[mask] = fill
         else:
             image[mask & ~pattern] = fill
-            image[mask & pattern] = fill * 0.3
+            image[mask & pattern] = fill * PATTERN_SHADE
     if scene.frame:
         w = max(2, int(round(FRAME_WIDTH * size)))
         frame = np.array(FRAME_RGB, dtype=np.float32)
