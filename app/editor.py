@@ -14,10 +14,11 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from app.session import UPLOAD_TYPES, EditorSession, read_upload
+from app.session import UPLOAD_TYPES, EditorSession, intervention_outcome, read_upload
 from explain import EvalData, explain_samples
 from explain.plots import contribution_figure
 from cbm.data.base import ImageReadError
+from cbm.models import ConceptBottleneckModel
 
 SLIDERS_SHOWN = 12
 PAGE_SIZE = 24
@@ -137,21 +138,38 @@ def explore(s: EditorSession, filters: tuple) -> None:
     st.subheader("Intervene on concepts")
     changed = concept_sliders(s, name, features)
     if changed:
-        after = torch.softmax(model.intervene(features, changed), dim=1)[0].numpy()
-        new = int(after.argmax())
+        outcome = intervention_outcome(model, features, changed)
+        after, new = outcome.after.numpy(), outcome.predicted_after
         st.markdown(f"**New prediction: {model.class_names[new]} ({after[new]:.0%})** "
                     f"(was {model.class_names[predicted]} {before[predicted]:.0%})")
         delta = pd.DataFrame({"class": model.class_names, "before": before, "after": after,
                               "change": after - before}).sort_values("change", key=abs, ascending=False)
         st.dataframe(delta.head(8), hide_index=True)
-        drivers = {concept: float(model.intervene(features, {concept: value})[0, new]
-                                  - model.decision_function(features)[0, new])
-                   for concept, value in changed.items()}
-        st.caption("Change of the new class's logit from each corrected concept alone: " + ", ".join(
-            f"{concept} {effect:+.2f}" for concept, effect in sorted(drivers.items(), key=lambda kv: -abs(kv[1]))))
+        drivers = sorted(outcome.drivers.items(), key=lambda kv: -abs(kv[1]))
+        st.caption("Change of the new class's logit from each corrected concept alone: "
+                   + ", ".join(f"{concept} {effect:+.2f}" for concept, effect in drivers))
+        if hasattr(model, "propagate"):
+            concept_shifts(model, features, changed)
         if st.button("Record this intervention in the audit trail", key="record"):
             s.record_intervention(name, changed, model.class_names[predicted], model.class_names[new])
             st.success("Recorded.")
+
+
+def concept_shifts(model: ConceptBottleneckModel, features: torch.Tensor, changed: dict[str, float], top: int = 10) -> None:
+    """Energy models re-infer the concepts you did not touch: show which ones moved, and how far."""
+    moved = model.propagate(features, changed)
+    shift = moved.concept_shift[0]
+    order = [k for k in shift.abs().argsort(descending=True)[:top].tolist() if abs(float(shift[k])) >= 0.01]
+    st.subheader("How the other concepts shift")
+    if not order:
+        st.caption("No other concept moved by 1 point or more.")
+        return
+    names = [model.concept_names[k] for k in order]
+    st.bar_chart(pd.DataFrame({"concept": names, "change of probability": shift[order].numpy()}).set_index("concept"),
+                 horizontal=True)
+    st.caption("Probability before -> after fixing the concepts above: " + ", ".join(
+        f"{name} {float(moved.concepts_before[0, k]):.2f} -> {float(moved.concepts_after[0, k]):.2f}"
+        for name, k in zip(names, order)))
 
 
 def edit_globally(s: EditorSession) -> None:

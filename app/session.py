@@ -60,6 +60,35 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
 
 
 @dataclass
+class InterventionOutcome:
+    """What one slider change does to a sample: class probabilities before and after, and how much each
+    corrected concept alone moves the new top class's logit."""
+
+    before: torch.Tensor  # [C]
+    after: torch.Tensor  # [C]
+    drivers: dict[str, float]
+
+    @property
+    def predicted_before(self) -> int:
+        return int(self.before.argmax())
+
+    @property
+    def predicted_after(self) -> int:
+        return int(self.after.argmax())
+
+
+def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor,
+                         changed: dict[str, float]) -> InterventionOutcome:
+    """The editor's recomputation after a slider moves: the head only, on the cached embedding [1, D]."""
+    logits = model.decision_function(features)[0]
+    after = torch.softmax(model.intervene(features, changed), dim=1)[0]
+    new = int(after.argmax())
+    drivers = {concept: float(model.intervene(features, {concept: value})[0, new] - logits[new])
+               for concept, value in changed.items()}
+    return InterventionOutcome(torch.softmax(logits, dim=0), after, drivers)
+
+
+@dataclass
 class TrailEntry:
     """One thing the person did: an intervention or a global edit."""
 

@@ -32,6 +32,7 @@ RUNNER_SIZES: dict[str, dict] = {
     "energy": {"n": 128, "per_sample": 8, "train": 1000, "val": 64, "epochs": 2},
     "temporal": {},
     "audit": {},
+    "editor": {},
 }
 
 

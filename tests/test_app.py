@@ -12,7 +12,7 @@ from app.session import EditorSession
 from cbm.backbones import load_backbone
 from cbm.embed import embed
 from cbm.data.folders import ImageFolder
-from cbm.models import PosthocCBM, load
+from cbm.models import EnergyCBM, PosthocCBM, load
 from concepts import ConceptBank
 from tiny_models import COLOURS, write_tiny_clip_dir
 
@@ -34,18 +34,28 @@ def setup(tmp_path_factory):
     bank = ConceptBank.from_text(["reddish", "greenish", "bluish", "bright", "square"], backbone)
     model = PosthocCBM(bank, lam=1e-4).fit(data, validation=data)
     path = model.save(root / "model.cbm")
-    return {"root": root, "model": path, "data": f"folder:{root / 'data'}", "cache": root / "cache"}
+    energy = EnergyCBM(bank=bank, hidden=16, max_epochs=4, inference_steps=60).fit(data, validation=data)
+    return {"root": root, "model": path, "energy_model": energy.save(root / "energy.cbm"),
+            "data": f"folder:{root / 'data'}", "cache": root / "cache"}
 
 
-@pytest.fixture
-def app(setup, monkeypatch):
-    monkeypatch.setenv("CBM_APP_MODEL", str(setup["model"]))
+def open_editor(setup, monkeypatch, model: str = "model") -> AppTest:
+    monkeypatch.setenv("CBM_APP_MODEL", str(setup[model]))
     monkeypatch.setenv("CBM_APP_DATA", setup["data"])
     monkeypatch.setenv("CBM_CACHE_DIR", str(setup["cache"]))
     test = AppTest.from_file(EDITOR, default_timeout=60)
     test.run()
     assert not test.exception, test.exception
     return test
+
+
+@pytest.fixture
+def app(setup, monkeypatch):
+    return open_editor(setup, monkeypatch)
+
+
+def concept_slider(app: AppTest):
+    return next(slider for slider in app.slider if slider.key.startswith("c|"))
 
 
 def test_the_model_opens_and_shows_a_prediction(app):
@@ -60,7 +70,7 @@ def test_a_slider_changes_the_prediction_exactly_as_intervene_does(app, setup):
     session: EditorSession = app.session_state["session"]
     sample = app.selectbox(key="sample").value
     features = session.embeddings.features[sample:sample + 1]
-    slider = app.slider[0] if app.slider[0].key != "confidence" else app.slider[1]
+    slider = concept_slider(app)
     concept = slider.label
     target = slider.max
     slider.set_value(target).run()
@@ -92,6 +102,23 @@ def test_prune_undo_save_and_reload(app, setup, tmp_path):
     kinds = [entry.kind for entry in session.trail]
     assert kinds[:4] == ["edit", "undo", "edit", "save"]
     assert '"kind": "edit"' in session.trail_json() and session.trail_csv().count("\n") == len(kinds) + 1
+
+
+def test_an_energy_model_shows_how_the_other_concepts_shift(setup, monkeypatch):
+    app = open_editor(setup, monkeypatch, "energy_model")
+    session: EditorSession = app.session_state["session"]
+    sample = app.selectbox(key="sample").value
+    slider = concept_slider(app)
+    target = slider.min if slider.value - slider.min > slider.max - slider.value else slider.max
+    slider.set_value(target).run()
+    assert not app.exception, app.exception
+    assert any(header.value == "How the other concepts shift" for header in app.subheader)
+    moved = load(setup["energy_model"]).propagate(session.embeddings.features[sample:sample + 1], {slider.label: target})
+    k = int(moved.concept_shift[0].abs().argmax())
+    name = moved.concept_names[k]
+    expected = f"{name} {float(moved.concepts_before[0, k]):.2f} -> {float(moved.concepts_after[0, k]):.2f}"
+    captions = [c.value for c in app.caption if c.value.startswith("Probability before -> after")]
+    assert captions and expected in captions[0], (expected, captions)
 
 
 @pytest.mark.parametrize("payload, message", [
