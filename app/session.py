@@ -27,10 +27,18 @@ from cbm.data.base import (
     read_image_bytes,
 )
 from cbm.data.registry import load_dataset
+from cbm.data.toy import VIDEO_CLASS_NAMES
 from cbm.embed import Embeddings, default_cache_dir, embed
-from cbm.models import ConceptBottleneckModel, load
+from cbm.models import (
+    ConceptBottleneckModel,
+    TemporalCBM,
+    VideoSequences,
+    load,
+    sequences_from_windows,
+)
 
 DEFAULT_DATA = "toy:images@val"
+DEFAULT_VIDEO_DATA = "toy:videos@val"
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "webp")
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 
@@ -59,6 +67,17 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
+def default_data(model: ConceptBottleneckModel) -> str:
+    """The data the editor browses when none is given: the toy images for an image model, the toy videos for a
+    video model trained on them; a ValueError asking for ``--data`` for any other video model."""
+    if not isinstance(model, TemporalCBM):
+        return DEFAULT_DATA
+    if list(model.class_names) != VIDEO_CLASS_NAMES:
+        raise ValueError("this video model was not trained on the toy videos, so there is no default data to "
+                         "browse; give its videos with --data, e.g. cbm app MODEL --data frames:PATH or videos:PATH.")
+    return DEFAULT_VIDEO_DATA
+
+
 @dataclass
 class InterventionOutcome:
     """What one slider change does to a sample: class probabilities before and after, and how much each
@@ -77,9 +96,10 @@ class InterventionOutcome:
         return int(self.after.argmax())
 
 
-def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor,
+def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor | VideoSequences,
                          changed: dict[str, float]) -> InterventionOutcome:
-    """The editor's recomputation after a slider moves: the head only, on the cached embedding [1, D]."""
+    """The editor's recomputation after a slider moves: the head only, on the cached embedding [1, D] (or one
+    video's cached window embeddings, where ``model.intervene`` sets each value in every window)."""
     logits = model.decision_function(features)[0]
     after = torch.softmax(model.intervene(features, changed), dim=1)[0]
     new = int(after.argmax())
@@ -102,7 +122,11 @@ class TrailEntry:
 
 @dataclass
 class EditorSession:
-    """An open model with its data, edit history and audit trail."""
+    """An open model with its data, edit history and audit trail.
+
+    A sample is an image, or for a video model (``TemporalCBM``) a whole video: ``sequences`` then holds the
+    window embeddings regrouped per video, and sample ``i`` is video ``i``.
+    """
 
     model_path: Path
     data_spec: str
@@ -110,26 +134,82 @@ class EditorSession:
     dataset: ConceptDataset
     embeddings: Embeddings
     backbone: Backbone
+    sequences: VideoSequences | None = None
     history: list[ConceptBottleneckModel] = field(default_factory=list)
     trail: list[TrailEntry] = field(default_factory=list)
 
     @classmethod
     def open(cls, model_path: str | Path | None = None, data_spec: str | None = None,
              cache_dir: str | Path | None = None) -> EditorSession:
-        """Open a bundle (default: the toy demo model) and embed its data through the cache."""
+        """Open a bundle (default: the toy demo model) and embed its data (default: ``default_data``) through
+        the cache; a video model's windows are regrouped into videos."""
         path = Path(model_path) if model_path else default_model_path(cache_dir)
         model = load(path)
+        spec = data_spec or default_data(model)
         backbone = model.load_backbone()
-        dataset = load_dataset(data_spec or DEFAULT_DATA)
+        dataset = load_dataset(spec)
         embeddings = embed(backbone, dataset, cache_dir=cache_dir, progress=False, num_workers=0)
-        return cls(path, data_spec or DEFAULT_DATA, model, dataset, embeddings, backbone)
+        sequences = sequences_from_windows(embeddings) if isinstance(model, TemporalCBM) else None
+        return cls(path, spec, model, dataset, embeddings, backbone, sequences)
+
+    # ------------------------------------------------------------------ the samples
+    @property
+    def is_video(self) -> bool:
+        return self.sequences is not None
+
+    @property
+    def inputs(self) -> Embeddings | VideoSequences:
+        """Every sample as the model reads it: the embeddings, or the videos' window sequences."""
+        return self.embeddings if self.sequences is None else self.sequences
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.as_tensor(self.inputs.labels)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return list(self.embeddings.ids if self.sequences is None else self.sequences.video_ids)
+
+    def sample(self, i: int) -> torch.Tensor | VideoSequences:
+        """Sample ``i`` as the model reads it: its embedding [1, D], or video ``i``'s window sequence."""
+        return self.embeddings.features[i:i + 1] if self.sequences is None else self.sequences.subset([i])
+
+    def thumbnail(self, i: int) -> Image.Image:
+        """The image of sample ``i``; for a video the frame of its middle window (see ``video_frames``)."""
+        if self.sequences is None:
+            return self.dataset.load(i)
+        windows = self._windows(i)
+        return self._window_frame(windows[len(windows) // 2])
+
+    def video_frames(self, i: int) -> list[Image.Image]:
+        """Video ``i``'s frame strip: one frame per window in time order, the middle one of the frames the model
+        saw from that window."""
+        return [self._window_frame(row) for row in self._windows(i)]
+
+    def window_spans(self, i: int) -> list[list[int]]:
+        """(start, stop) frames of every window of video ``i``."""
+        return self.sequences.window_spans[i][self.sequences.valid[i]].tolist()
+
+    def _windows(self, i: int) -> list[int]:
+        rows = self.sequences.window_index[i]
+        return rows[rows >= 0].tolist()
+
+    def _window_frame(self, row: int) -> Image.Image:
+        frames = self.dataset.load(row)
+        return frames[len(frames) // 2]
 
     # ------------------------------------------------------------------ the model's view of the data
     def probabilities(self) -> torch.Tensor:
-        return torch.as_tensor(self.model.predict_proba(self.embeddings))
+        return torch.as_tensor(self.model.predict_proba(self.inputs))
 
     def validation_accuracy(self) -> float:
-        return float(self.model.score(self.embeddings))
+        return float(self.model.score(self.inputs))
+
+    def concept_values(self, x: torch.Tensor | VideoSequences | None = None) -> torch.Tensor:
+        """The concept values the sliders start from, one row per sample [N, K] (all samples when ``x`` is
+        None): the model's concepts of an image, or of a video its pooled (video-level) concepts."""
+        x = self.inputs if x is None else x
+        return self.model.pooled_concepts(x) if self.is_video else self.model.concepts(x)
 
     # ------------------------------------------------------------------ what the person does
     def record_intervention(self, sample: str, values: dict[str, float], before: str, after: str) -> None:
@@ -137,7 +217,7 @@ class EditorSession:
 
     def apply_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> Any:
         """Prune ``concept`` for ``classes`` (all when None); returns the edit record."""
-        edited, record = self.model.edit("prune", concept, classes, validation=self.embeddings, reason=reason)
+        edited, record = self.model.edit("prune", concept, classes, validation=self.inputs, reason=reason)
         self.history.append(self.model)
         self.model = edited
         self.trail.append(TrailEntry("edit", "", asdict(record)))
