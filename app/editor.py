@@ -1,5 +1,6 @@
 """The concept editor (Streamlit): look at why a model predicted what it did, correct concepts,
-and fix the model globally. Launch it with ``cbm app [MODEL] [--data DATASET]``.
+and fix the model globally. Launch it with ``cbm app [MODEL] [--data DATASET]``. For a video model
+(``TemporalCBM``) a sample is a whole video, shown as a frame strip and a per-window concept timeline.
 
 The script only lays out widgets and calls the public API (``cbm``, ``explain``) through
 ``app.session.EditorSession``; it holds no model logic of its own.
@@ -15,12 +16,13 @@ import streamlit as st
 import torch
 
 from app.session import UPLOAD_TYPES, EditorSession, intervention_outcome, read_upload
-from explain import EvalData, explain_samples
-from explain.plots import contribution_figure
 from cbm.data.base import ImageReadError
-from cbm.models import ConceptBottleneckModel
+from cbm.models import ConceptBottleneckModel, VideoSequences
+from explain import EvalData, explain_samples
+from explain.plots import contribution_figure, timeline_figure
 
 SLIDERS_SHOWN = 12
+TIMELINE_CONCEPTS = 10
 PAGE_SIZE = 24
 
 st.set_page_config(page_title="Concept editor", layout="wide")
@@ -47,6 +49,7 @@ def sidebar(s: EditorSession) -> tuple[str | None, str, tuple[float, float]]:
     st.sidebar.header("Model")
     st.sidebar.markdown(f"**{type(model).__name__}** on `{model.backbone_spec_}`  \n"
                         f"{len(model.class_names)} classes, {len(model.concept_names)} concepts  \n"
+                        f"{len(s.sample_ids)} {'videos' if s.is_video else 'samples'}  \n"
                         f"file: `{s.model_path.name}`  \ndata: `{s.data_spec}`")
     st.sidebar.metric("Accuracy on this data", f"{s.validation_accuracy():.3f}")
     st.sidebar.header("Browse")
@@ -60,7 +63,7 @@ def filtered_samples(s: EditorSession, class_filter: str | None, correctness: st
                      confidence: tuple[float, float]) -> list[int]:
     probabilities = s.probabilities()
     predicted = probabilities.argmax(1)
-    labels = s.embeddings.labels
+    labels = s.labels
     keep = (probabilities.max(1).values >= confidence[0]) & (probabilities.max(1).values <= confidence[1])
     if class_filter is not None:
         keep &= labels == s.model.class_index(class_filter)
@@ -69,18 +72,27 @@ def filtered_samples(s: EditorSession, class_filter: str | None, correctness: st
     return torch.nonzero(keep).flatten().tolist()
 
 
-def pick_sample(s: EditorSession, indices: list[int]) -> tuple[str, torch.Tensor, object] | None:
-    """Thumbnails of the filtered samples and an upload box; returns (name, features [1,D], image)."""
+def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
+    """An image upload box (a note instead for video models); returns (name, features [1,D], image) of a
+    usable upload, else None."""
+    if s.is_video:
+        st.caption("Uploading a video is not supported: browse the videos of the data the editor was opened with.")
+        return None
     upload = st.file_uploader("Or upload an image", type=list(UPLOAD_TYPES), key="upload")
-    if upload is not None:
-        try:
-            image = read_upload(upload.name, upload.getvalue())
-        except ImageReadError as error:
-            st.error(f"Cannot use this upload: {error}")
-        else:
-            return f"upload:{upload.name}", s.backbone.embed_pil([image]), image
+    if upload is None:
+        return None
+    try:
+        image = read_upload(upload.name, upload.getvalue())
+    except ImageReadError as error:
+        st.error(f"Cannot use this upload: {error}")
+        return None
+    return f"upload:{upload.name}", s.backbone.embed_pil([image]), image
+
+
+def browse(s: EditorSession, indices: list[int]) -> int | None:
+    """Thumbnails of the filtered samples (videos: their middle window's frame) and a picker; returns the index."""
     if not indices:
-        st.info("No sample matches these filters.")
+        st.info(f"No {'video' if s.is_video else 'sample'} matches these filters.")
         return None
     page = st.number_input("Page", 1, max(1, -(-len(indices) // PAGE_SIZE)), 1, key="page") - 1
     shown = indices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
@@ -88,15 +100,15 @@ def pick_sample(s: EditorSession, indices: list[int]) -> tuple[str, torch.Tensor
     predicted = s.probabilities()[shown].argmax(1)
     for column, index, guess in zip(columns * 3, shown, predicted.tolist()):
         label = s.model.class_names[guess]
-        column.image(s.dataset.load(index), caption=f"{s.embeddings.ids[index]}\n-> {label}", width=72)
-    choice = st.selectbox("Sample", shown, format_func=lambda i: s.embeddings.ids[i], key="sample")
-    return s.embeddings.ids[choice], s.embeddings.features[choice:choice + 1], s.dataset.load(choice)
+        column.image(s.thumbnail(index), caption=f"{s.sample_ids[index]}\n-> {label}", width=72)
+    return st.selectbox("Video" if s.is_video else "Sample", shown, format_func=lambda i: s.sample_ids[i],
+                        key="sample")
 
 
-def concept_sliders(s: EditorSession, name: str, features: torch.Tensor) -> dict[str, float]:
+def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoSequences) -> dict[str, float]:
     """Sliders for the most influential concepts (or those matching the search); returns changed values."""
     model = s.model
-    current = model.concepts(features)[0]
+    current = s.concept_values(features)[0]
     predicted = int(model.decision_function(features).argmax(1))
     influence = model.contributions(features)[0, predicted].abs()
     query = st.text_input("Search concepts", key="concept_search").strip().lower()
@@ -105,7 +117,7 @@ def concept_sliders(s: EditorSession, name: str, features: torch.Tensor) -> dict
     if st.button("Reset all concepts", key="reset"):
         for key in [key for key in st.session_state if str(key).startswith(f"c|{name}|")]:
             del st.session_state[key]
-    all_scores = model.concepts(s.embeddings)
+    all_scores = s.concept_values()
     low, high = all_scores.min(0).values, all_scores.max(0).values
     changed = {}
     for k in shown:
@@ -117,25 +129,65 @@ def concept_sliders(s: EditorSession, name: str, features: torch.Tensor) -> dict
     return changed
 
 
-def explore(s: EditorSession, filters: tuple) -> None:
-    picked = pick_sample(s, filtered_samples(s, *filters))
-    if picked is None:
-        return
-    name, features, image = picked
+def show_prediction(s: EditorSession, probabilities: np.ndarray) -> None:
+    predicted = int(probabilities.argmax())
+    st.subheader(f"Prediction: {s.model.class_names[predicted]} ({probabilities[predicted]:.0%})")
+    st.bar_chart(probability_frame(s, probabilities))
+
+
+def explain_image(s: EditorSession, name: str, features: torch.Tensor, image: object, before: np.ndarray) -> None:
+    """An image, its prediction, its concept contributions and the smallest change that flips it."""
     model = s.model
     left, right = st.columns([1, 2])
-    before = model.predict_proba(features)[0]
-    predicted = int(before.argmax())
     with left:
         st.image(image, caption=name, width=192)
-        st.subheader(f"Prediction: {model.class_names[predicted]} ({before[predicted]:.0%})")
-        st.bar_chart(probability_frame(s, before))
+        show_prediction(s, before)
     with right:
         explanation = explain_samples(model, EvalData(features, None, ids=[name]), rows=[0], k=12)[0]
-        st.subheader(f"Why {model.class_names[predicted]}: concept contributions")
+        st.subheader(f"Why {model.class_names[int(before.argmax())]}: concept contributions")
         st.pyplot(contribution_figure(explanation), use_container_width=False)
         st.markdown(f"**Smallest change that flips it:** {explanation.counterfactual.describe()}")
+
+
+def explain_video(s: EditorSession, index: int, video: VideoSequences, before: np.ndarray) -> None:
+    """A video: its frame strip, its prediction and its per-window concept timeline."""
+    model = s.model
+    spans = s.window_spans(index)
+    predicted = model.class_names[int(before.argmax())]
+    st.image(s.video_frames(index), caption=[f"{start}–{stop}" for start, stop in spans], width=64)
+    st.caption(f"{s.sample_ids[index]}: one frame per window (frames start–stop).")
+    left, right = st.columns([1, 2])
+    with left:
+        show_prediction(s, before)
+    with right:
+        st.subheader(f"Why {predicted}: concepts over time")
+        explanation = model.explain(video, return_attention=False)
+        st.pyplot(timeline_figure(explanation, model.concept_names, row=0, k=TIMELINE_CONCEPTS, windows=spans,
+                                  value_label=f"contribution to {predicted}"), use_container_width=False)
+        st.caption("Each window's concepts times their weight for the predicted class; above, the weight the "
+                   "model's pooling gives each window (the most important one outlined).")
+
+
+def explore(s: EditorSession, filters: tuple) -> None:
+    index = None
+    picked = upload_box(s)
+    if picked is None:
+        index = browse(s, filtered_samples(s, *filters))
+        if index is None:
+            return
+        picked = s.sample_ids[index], s.sample(index), None if s.is_video else s.dataset.load(index)
+    name, features, image = picked
+    model = s.model
+    before = model.predict_proba(features)[0]
+    predicted = int(before.argmax())
+    if s.is_video:
+        explain_video(s, index, features, before)
+    else:
+        explain_image(s, name, features, image, before)
     st.subheader("Intervene on concepts")
+    if s.is_video:
+        st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
+                   "(the model's pooling of the windows' values).")
     changed = concept_sliders(s, name, features)
     if changed:
         outcome = intervention_outcome(model, features, changed)
