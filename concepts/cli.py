@@ -128,7 +128,7 @@ def _select(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddin
     encoder = load_encoder(args.encoder)
     features, labels, class_names = load_embeddings(args.encoder, args.data)
     bank = select_concepts(candidates, encoder, features, labels, class_names, k=args.k, method=args.method,
-                           beta=args.beta, temperature=args.temperature, seed=args.seed,
+                           beta=args.beta, seed=args.seed,
                            backbone=getattr(encoder, "fingerprint", None))
     bank.save(args.out)
     print(f"wrote {args.out}: {len(bank)} concepts for {len(bank.provenance['class_concepts'])} classes")
@@ -243,7 +243,6 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     sel.add_argument("--k", type=int, default=10, help="concepts per class (default 10)")
     sel.add_argument("--method", choices=["submodular", "top", "random"], default="submodular")
     sel.add_argument("--beta", type=float, default=1.0, help="weight of coverage vs discriminability (default 1)")
-    sel.add_argument("--temperature", type=float, help="softmax temperature of p(class|concept) (default: auto)")
     sel.add_argument("--seed", type=int, default=0)
     sel.set_defaults(run=lambda args: _select(args, load_encoder, load_embeddings))
 

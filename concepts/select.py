@@ -1,18 +1,23 @@
 """Concept selection (LaBo): per-class submodular selection, plus top-k and random baselines.
 
-For each class y the K concepts are chosen among that class's candidates to maximise
+For each class y the K concepts are chosen among that class's OWN candidates to maximise
 
-    F(S) = sum_{c in S} d_y(c)  +  beta / |V| * sum_{v in V} max_{c in S} s(v, c)
+    F(S) = sum_{c in S} d(c)  +  beta / |V| * sum_{v in V} max_{c in S} s(v, c)
 
-- ``d_y(c)`` (discriminability) is the class-conditional mutual-information term
-  ``p(y|c) log(p(y|c) / p(y))`` with ``p(y|c) = softmax_y(m(c, y) / temperature)``, where
-  ``m(c, y)`` is the mean cosine similarity between concept c's text vector and the training
-  images of class y, and p(y) is uniform. It is high for concepts that light up on class y more
-  than on the others, and near zero for phrases that describe nothing in the data (their
-  similarity is flat across classes). It is divided by its largest absolute value among the
-  class's candidates (so each concept adds at most 1), and the coverage term is a mean over V
-  (so all of S adds at most ``beta``): coverage breaks near-ties between discriminative
-  concepts towards diverse ones, whatever the backbone's similarity scale.
+- ``d(c)`` (discriminability) is, as in LaBo's released code (``select_algo.mi_score``), concept
+  c's contribution to the mutual information between concepts and classes,
+  ``sum_y p(c, y) log(p(c, y) / (p(c) p(y)))``. With ``m(c, y)`` the mean cosine similarity
+  between c's text vector and the training images of class y, ``p(c, y) = (1 + m(c, y)) /
+  (C sum_c' (1 + m(c', y)))`` over ALL candidates c', so p(y) = 1/C (the reference uses raw CLIP
+  dot products, which it relies on being positive; ``1 + m`` is the cosine made non-negative).
+  Normalising per class cancels how strongly a class's images respond to text in general, so
+  phrases that describe nothing in the data score near zero whatever class they resemble. The score
+  equals ``p(c) KL(p(y|c) || uniform) >= 0``; it does not depend on the class being selected for.
+  It is divided by its largest value among the class's candidates (so each concept adds at most
+  1), and the coverage term is a mean over V (so all of S adds at most ``beta``): coverage breaks
+  near-ties between discriminative concepts towards diverse ones, whatever the backbone's
+  similarity scale. (The reference weights ``1e7 * MI`` against an unnormalised sum, so its beta
+  values are on another scale.)
 - the second term is facility location over the class's candidates V with ``s`` the clipped
   (>= 0) cosine similarity of concept text vectors: it rewards covering every kind of
   candidate rather than many paraphrases of one.
@@ -61,15 +66,16 @@ def class_means(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> t
     return sums / counts[:, None]
 
 
-def discriminability(means: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """Class-conditional MI terms [C,K]: ``p(y|c) log(p(y|c) C)`` from class means [C,K].
+def discriminability(means: torch.Tensor) -> torch.Tensor:
+    """Each concept's contribution to I(concept; class) [K] from class means [C,K] of cosine similarity.
 
-    ``temperature=None`` uses the average spread (std over classes) of the concepts' class means.
+    ``p(c, y)`` is ``1 + means`` normalised per class over the concepts (p(y) uniform).
     """
-    if temperature is None:
-        temperature = float(means.std(dim=0).mean().clamp(min=1e-6))
-    p = torch.softmax(means / temperature, dim=0)
-    return p * torch.log(p * means.shape[0])
+    n_classes = means.shape[0]
+    positive = (1 + means.double()).clamp(min=0)  # cosines are >= -1; clamp rounding below it
+    joint = positive / (n_classes * positive.sum(dim=1, keepdim=True))
+    marginal = joint.sum(dim=0, keepdim=True)
+    return torch.xlogy(joint, n_classes * joint / marginal.clamp(min=1e-300)).sum(dim=0)
 
 
 class SelectionObjective:
@@ -115,7 +121,7 @@ def greedy(objective: SelectionObjective, k: int) -> list[int]:
 
 def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torch.Tensor, labels: torch.Tensor,
                     class_names: Sequence[str] | None = None, *, k: int = 10, method: Method = "submodular",
-                    beta: float = 1.0, temperature: float | None = None, seed: int = 0,
+                    beta: float = 1.0, seed: int = 0,
                     templates: Sequence[str] = DEFAULT_TEMPLATES, backbone: str | None = None) -> ConceptBank:
     """Choose ``k`` concepts per class from ``candidates`` using training embeddings; a text bank.
 
@@ -128,8 +134,6 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
         raise ValueError(f"k must be an integer of at least 1, got {k!r}.")
     if not 0 <= beta < math.inf:
         raise ValueError(f"beta must be a non-negative finite number, got {beta!r}.")
-    if temperature is not None and not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number or None, got {temperature!r}.")
     if method not in ("submodular", "top", "random"):
         raise ValueError(f"method must be 'submodular', 'top' or 'random', got {method!r}.")
     class_names = list(class_names or candidates.class_names)
@@ -141,13 +145,13 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
         raise ValueError("no candidates to select from.")
     full = ConceptBank.from_text(pool, encoder, templates=templates)
     means = class_means(full.scores(features, backbone=backbone), labels, len(class_names))
-    scores = discriminability(means, temperature)
+    scores = discriminability(means)
     text_similarity = full.vectors @ full.vectors.T
     position = {phrase: i for i, phrase in enumerate(pool)}
     rng = np.random.default_rng(seed)
     chosen: dict[str, list[str]] = {}
     short = []
-    for y, name in enumerate(class_names):
+    for name in class_names:
         own = [position[p] for p in candidates.for_class(name)]
         if not own:
             continue
@@ -157,8 +161,8 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
         elif method == "random":
             picked = rng.choice(own, size=k, replace=False).tolist()
         else:
-            gains = scores[y, own]
-            gains = gains / gains.abs().max().clamp(min=1e-12)
+            gains = scores[own]
+            gains = gains / gains.max().clamp(min=1e-300)
             if method == "top":
                 picked = [own[i] for i in torch.argsort(gains, descending=True, stable=True)[:k].tolist()]
             else:
@@ -172,7 +176,7 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
     associations = {p: [c for c in owners[p] if c != SHARED] or list(class_names) for p in names}
     bank = full.subset(names)
     bank.provenance = {**full.provenance, "candidates": candidates.provenance,
-                       "selection": {"method": method, "k": k, "beta": beta, "temperature": temperature,
-                                     "seed": seed, "classes_with_at_most_k": short},
+                       "selection": {"method": method, "k": k, "beta": beta, "seed": seed,
+                                     "classes_with_at_most_k": short},
                        "class_concepts": chosen, "associations": associations}
     return bank

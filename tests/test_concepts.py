@@ -29,7 +29,7 @@ from concepts import (
     learn_cavs,
     select_concepts,
 )
-from concepts.select import SelectionObjective, greedy
+from concepts.select import SelectionObjective, discriminability, greedy
 from concepts.text import clean_concept, merge_plurals, singular
 
 
@@ -333,6 +333,21 @@ def brute_force(objective: SelectionObjective, n: int, k: int) -> float:
     return max(objective.value(list(s)) for s in itertools.combinations(range(n), k))
 
 
+def test_discriminability_is_each_concepts_share_of_the_mutual_information():
+    g = torch.Generator().manual_seed(0)
+    positive = torch.rand(4, 6, generator=g, dtype=torch.float64) * 1.6 + 0.2  # 1 + class means of cosines
+    positive[:, 0] = 0.2 * positive[:, 1:].sum(dim=1)  # follows each class's overall response to text
+    scores = discriminability(positive - 1)
+    joint = positive / (4 * positive.sum(dim=1, keepdim=True))  # each class sums to p(y) = 1/4
+    mutual_information = sum(float(joint[y, c] * torch.log(joint[y, c] / (joint[:, c].sum() / 4)))
+                              for y in range(4) for c in range(6))
+    assert float(scores.sum()) == pytest.approx(mutual_information)
+    assert (scores >= 0).all() and float(scores[0]) == pytest.approx(0.0, abs=1e-12)
+    louder = positive.clone()
+    louder[2] *= 1.5  # a class whose images respond more strongly to every text: the same scores
+    assert torch.allclose(discriminability(louder - 1), scores)
+
+
 def test_lazy_greedy_is_near_optimal_on_small_instances():
     ratios = []
     for seed in range(25):
@@ -350,7 +365,9 @@ def test_lazy_greedy_is_near_optimal_on_small_instances():
 
 def test_selection_prefers_concepts_seen_in_the_data_and_keeps_shared_associations():
     encoder = WordEncoder(dim=64)
-    real = {"zebra": ["black stripes", "white stripes", "hooves"], "tiger": ["orange fur", "black stripes", "claws"]}
+    # "black stripes" tells zebras and tigers from elephants: shared, yet informative about the class
+    real = {"zebra": ["black stripes", "white stripes", "hooves"], "tiger": ["orange fur", "black stripes", "claws"],
+            "elephant": ["grey skin", "trunk", "tusks"]}
     distractors = ["quantum physics", "tax return", "opera singer", "spreadsheet", "volcano ash", "saxophone"]
     cands = Candidates({c: v + distractors for c, v in real.items()})
     g = torch.Generator().manual_seed(0)
@@ -360,16 +377,16 @@ def test_selection_prefers_concepts_seen_in_the_data_and_keeps_shared_associatio
         features.append(proto + 0.3 * torch.randn(40, 64, generator=g))
         labels += [y] * 40
     features, labels = torch.cat(features), torch.tensor(labels)
-    bank = select_concepts(cands, encoder, features, labels, ["zebra", "tiger"], k=3, templates=("{}",))
+    bank = select_concepts(cands, encoder, features, labels, list(real), k=3, templates=("{}",))
     chosen = bank.provenance["class_concepts"]
     for name, phrases in real.items():
         assert sum(p in phrases for p in chosen[name]) >= 2
     assert bank.provenance["associations"]["black stripes"] == ["zebra", "tiger"]
     for method in ("top", "random"):
-        other = select_concepts(cands, encoder, features, labels, ["zebra", "tiger"], k=3, method=method, seed=1)
+        other = select_concepts(cands, encoder, features, labels, list(real), k=3, method=method, seed=1)
         assert all(len(v) == 3 for v in other.provenance["class_concepts"].values())
     with pytest.raises(ValueError, match="no training sample"):
-        select_concepts(cands, encoder, features[:40], labels[:40], ["zebra", "tiger"], k=3)
+        select_concepts(cands, encoder, features[:40], labels[:40], list(real), k=3)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -381,17 +381,17 @@ class Encoder:
 @CASES
 @given(labels=st.sampled_from(["ok", "out", "negative", "short", "fraction", "nan"]),
        k=st.sampled_from([1, 0, 1.5, True]), beta=st.sampled_from([1.0, -1.0, float("nan")]),
-       temperature=st.sampled_from([None, 0.0, float("inf")]), features=st.sampled_from(["ok", "nan", "empty"]))
-def test_concept_selection_arguments(data, labels, k, beta, temperature, features):
+       features=st.sampled_from(["ok", "nan", "empty"]))
+def test_concept_selection_arguments(data, labels, k, beta, features):
     candidates = Candidates({"a": ["red", "blue"], "b": ["green", "tall"], "c": ["small", "round"]})
     x = {"ok": data["x"], "nan": data["x"] * np.nan, "empty": data["x"][:0]}[features]
     y = data["y"]
     y = {"ok": y, "out": y + C, "negative": y - 1, "short": y[:5], "fraction": y + 0.5, "nan": y * np.nan}[labels]
-    call = lambda: select_concepts(candidates, Encoder(), x, y, k=k, beta=beta, temperature=temperature)
-    if labels == "ok" and k == 1 and beta == 1.0 and temperature is None and features == "ok":
+    call = lambda: select_concepts(candidates, Encoder(), x, y, k=k, beta=beta)
+    if labels == "ok" and k == 1 and beta == 1.0 and features == "ok":
         assert len(call()) >= C
     else:
-        refused(call, "labels", "k ", "beta", "temperature", "features")
+        refused(call, "labels", "k ", "beta", "features")
 
 
 # ----------------------------------------------------------------------------------------- explain
