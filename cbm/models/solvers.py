@@ -5,10 +5,10 @@ the weights (not the bias)::
 
     mean CE(x W^T + b, y) + lam * (l1_ratio * |W|_1 + (1 - l1_ratio) / 2 * |W|_2^2)
 
-by FISTA (accelerated proximal gradient) with a fixed step 1/L from the loss's Lipschitz bound,
-adaptive restarts, and warm starts along a regularisation path. It stops when an iteration changes
+by FISTA (accelerated proximal gradient) on centred features with a fixed step 1/L from the loss's
+Lipschitz bound, adaptive restarts, and warm starts along a regularisation path. It stops when an iteration changes
 (W, b) by less than ``tol`` (1e-5) relative to their norm: on the PCBM benchmark's 10,000 x 200
-scores that takes 470 iterations and gives the accuracy and non-zero count of a 1e-6 run (847).
+scores that takes 84 iterations and reaches the objective of a 1e-7 run to 6 digits.
 """
 
 from __future__ import annotations
@@ -42,23 +42,31 @@ def _lipschitz(x: torch.Tensor, iterations: int = 30) -> float:
 
 
 def lambda_max(x: torch.Tensor, y: torch.Tensor, n_classes: int, l1_ratio: float) -> float:
-    """The smallest penalty at which every weight is zero (the start of a path)."""
+    """The smallest penalty at which every weight is zero (the start of a path), with a relative margin of
+    1e-4 so that rounding in the solver's first step cannot let a weight through."""
     prior = torch.bincount(y, minlength=n_classes).to(x.dtype) / len(y)
     target = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)
     gradient = (prior[None] - target).T @ x / len(x)
-    return float(gradient.abs().max()) / max(l1_ratio, 1e-3)
+    return (1 + 1e-4) * float(gradient.abs().max()) / max(l1_ratio, 1e-3)
 
 
 def elastic_net_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, l1_ratio: float = 0.99, *,
                         init: LinearSolution | None = None, max_iter: int = 3000, tol: float = 1e-5,
                         step: float | None = None) -> LinearSolution:
-    """Fit the elastic-net softmax head on features ``x`` [N, K] and labels ``y`` [N]."""
+    """Fit the elastic-net softmax head on features ``x`` [N, K] and labels ``y`` [N].
+
+    The solver works on centred features, ``x W^T + b = (x - mean) W^T + (b + mean W^T)``: the same
+    problem (the bias is not penalised), but a feature mean no longer dominates the Lipschitz bound,
+    which shortens the step for every other direction (4x fewer iterations on typical concept scores).
+    """
     n_features = x.shape[1]
     l1, l2 = lam * l1_ratio, lam * (1 - l1_ratio)
+    mean = x.mean(dim=0)
+    x = x - mean
     step = step or 1.0 / (_lipschitz(x) + l2)
     weight = init.weight.clone() if init else torch.zeros(n_classes, n_features, device=x.device, dtype=x.dtype)
     if init:
-        bias = init.bias.clone()
+        bias = init.bias + init.weight @ mean
     else:
         bias = torch.log(torch.bincount(y, minlength=n_classes).to(x.dtype).clamp_min(1) / len(y))
     target = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)
@@ -91,13 +99,13 @@ def elastic_net_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: f
     if not converged:
         logger.debug("elastic-net head stopped at max_iter=%d (lam=%.3g, loss %.4f)", max_iter, lam,
                      float(smooth_loss(weight, bias)))
-    return LinearSolution(weight, bias, float(lam), iteration, converged)
+    return LinearSolution(weight, bias - weight @ mean, float(lam), iteration, converged)
 
 
 def elastic_net_path(x: torch.Tensor, y: torch.Tensor, n_classes: int, lams: list[float], l1_ratio: float = 0.99,
                      **options) -> list[LinearSolution]:
     """Solutions for decreasing penalties, each warm-started from the previous one."""
-    step = 1.0 / (_lipschitz(x) + max(lams) * (1 - l1_ratio))
+    step = 1.0 / (_lipschitz(x - x.mean(dim=0)) + max(lams) * (1 - l1_ratio))
     solutions, previous = [], None
     for lam in sorted(lams, reverse=True):
         previous = elastic_net_softmax(x, y, n_classes, lam, l1_ratio, init=previous, step=step, **options)
