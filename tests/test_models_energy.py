@@ -102,6 +102,14 @@ def test_batched_inference_equals_per_sample_inference(world, model):
     assert (batched.steps < model.inference_steps).any()  # the relative convergence test stopped some early
 
 
+def test_a_batch_as_large_as_the_number_of_classes_is_still_a_batch(world, model):
+    tx = world["test"][0][:len(model.class_names_)]  # [B, H] pre-activations must not pass for [M, H]
+    batched = model.infer(tx).logits
+    assert batched.shape == (len(tx), len(model.class_names_))
+    single = torch.cat([model.infer(tx[i:i + 1]).logits for i in range(len(tx))])
+    assert torch.allclose(batched, single, atol=2e-2)
+
+
 def test_intervention_fixes_concepts_and_moves_a_dependent_one(world, model):
     tx, ty, tc, _ = world["test"]
     chosen = ty == 0

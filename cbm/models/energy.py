@@ -149,10 +149,12 @@ class EnergyNetworks(nn.Module):
 
     # -- global energy
     def global_from_e(self, e: torch.Tensor) -> torch.Tensor:
-        """E_cy for every class from pre-activations e [..., M, H] or [..., H] -> [..., M]."""
+        """E_cy for every class from pre-activations e [B, H] (shared by the classes) or [B, M, H] -> [B, M].
+
+        Decided by the number of dimensions, not the shape: a batch of B == M rows is still a batch."""
         u = self.units()
-        if e.shape[-2:] != u.shape:
-            e = e.unsqueeze(-2)
+        if e.ndim == 2:
+            e = e.unsqueeze(1)
         return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
 
     def global_e(self, p_c: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
