@@ -13,8 +13,8 @@ score them on held-out world images with ``cbm.toymodels.quality``; write ``metr
 By default both models train for fixed step counts (CLIP 1100 steps of 256 pairs, CNN 1000 steps
 of 128 images); the result then depends only on the seed, and a busier machine only takes longer.
 On two otherwise idle CPU cores a CLIP step takes ~0.75 s and a CNN step ~0.45 s, so the whole run
-(pool, both models, scoring) takes about 24 minutes; the shipped models' run, on a machine shared
-with other work, took 51 minutes (``metrics.json`` records it).
+(pool, both models, scoring) should take about 24 minutes (estimated from those step times); the
+shipped models' run, on a machine shared with other work, took 51 minutes (``metrics.json``).
 ``--minutes M`` instead fits the whole run into M wall-clock minutes (the CLIP schedule then
 follows the clock, so quality depends on how busy the machine is).
 The CNN is torchvision's ``shufflenet_v2_x0_5``: a registered builder (the config rebuilds it with
