@@ -46,6 +46,21 @@ def _json_strings(value) -> set[str]:
     return {value} if isinstance(value, str) else set()
 
 
+def assert_every_number_is_the_json(page: str, data: dict, elements: list, strip: str = " ,;()=p") -> None:
+    """Each <data> element shows its JSON value; outside <data>, figures, images and styles, text with
+    digits is a name or text of the JSON (``strip``: punctuation around such text)."""
+    for value, path, text in elements:
+        path = html.unescape(path)
+        assert json.loads(html.unescape(value)) == resolve(data, path)
+        assert text == format_number(resolve(data, path))
+    visible = re.sub(r"<svg.*?</svg>|<style>.*?</style>|<data [^>]*>[^<]*</data>", " ", page, flags=re.DOTALL)
+    allowed = _json_strings(data)
+    for node in re.findall(r">([^<>]+)<", visible):
+        node = html.unescape(node).strip(strip)
+        if re.search(r"\d", node):
+            assert any(node in s for s in allowed), node
+
+
 def test_every_number_in_the_html_is_the_json(audited):
     report = audited["report"]
     page = (audited["out"] / "report.html").read_text()
@@ -53,17 +68,7 @@ def test_every_number_in_the_html_is_the_json(audited):
     assert data == report.data
     elements = _data_elements(page)
     assert len(elements) > 150
-    for value, path, text in elements:
-        path = html.unescape(path)
-        assert json.loads(html.unescape(value)) == resolve(data, path)
-        assert text == format_number(resolve(data, path))
-    # No other number: outside <data>, figures, images and styles, text with digits is a name or text of the JSON.
-    visible = re.sub(r"<svg.*?</svg>|<style>.*?</style>|<data [^>]*>[^<]*</data>", " ", page, flags=re.DOTALL)
-    allowed = _json_strings(data)
-    for node in re.findall(r">([^<>]+)<", visible):
-        node = html.unescape(node).strip(" ,;()=p")
-        if re.search(r"\d", node):
-            assert any(node in s for s in allowed), node
+    assert_every_number_is_the_json(page, data, elements)
 
 
 def test_report_sections_and_findings(audited):

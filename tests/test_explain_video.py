@@ -1,7 +1,6 @@
 """The audit of temporal (video) models: JSON numbers against direct model calls, the self-contained HTML,
 the concept timeline figure, and `cbm audit` on a saved temporal bundle of the toy world."""
 
-import html
 import json
 import re
 from pathlib import Path
@@ -9,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_explain_audit import _data_elements, _json_strings
+from test_explain_audit import _data_elements, assert_every_number_is_the_json
 from test_models_temporal import CONCEPTS, _directions, make_videos
 
 import explain
 from cbm.embed import Embeddings
 from cbm.models.temporal import TemporalCBM, localisation_hits
 from concepts.bank import ConceptBank
-from explain.audit import format_number, resolve
 from explain.plots import timeline_figure
 
 TOY_CLIP = Path(__file__).resolve().parents[1] / "cbm" / "assets" / "toy_clip"
@@ -105,16 +103,7 @@ def test_video_report_html_is_self_contained_and_every_number_is_the_json(audite
     assert all(link.startswith(("data:", "#")) for link in re.findall(r"(?:src|href)=['\"]([^'\"]*)", page))
     assert not re.search(r"https?://(?!www\.w3\.org/)", page)  # only SVG namespaces
     assert len(re.findall(r"<svg", page)) == 4 + len(data["timelines"])
-    for value, path, text in _data_elements(page):
-        path = html.unescape(path)
-        assert json.loads(html.unescape(value)) == resolve(data, path)
-        assert text == format_number(resolve(data, path))
-    visible = re.sub(r"<svg.*?</svg>|<style>.*?</style>|<data [^>]*>[^<]*</data>", " ", page, flags=re.DOTALL)
-    allowed = _json_strings(data)
-    for node in re.findall(r">([^<>]+)<", visible):
-        node = html.unescape(node).strip(" ,;()=p.:")
-        if re.search(r"\d", node):
-            assert any(node in s for s in allowed), node
+    assert_every_number_is_the_json(page, data, _data_elements(page), strip=" ,;()=p.:")
 
 
 def test_window_embeddings_give_the_same_audit_with_concept_quality(audited):
