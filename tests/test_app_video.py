@@ -2,17 +2,15 @@
 strip and the per-window concept timeline, a slider changes the prediction exactly as ``model.intervene`` does,
 prune / undo / save work and the audit trail records them; the default data and the command line."""
 
-import argparse
-import os
 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 from test_app import EDITOR
+from tiny_models import capture_app_launch
 from test_models_temporal import CONCEPTS, _directions, make_videos
 
 import explain.plots
-from app import cli as app_cli
 from app.session import DEFAULT_VIDEO_DATA, EditorSession, default_data
 from cbm.backbones import load_backbone
 from cbm.data.toy import ToyVideos
@@ -41,17 +39,6 @@ def open_video_editor(video_setup, monkeypatch, data: str = "toy:videos@val") ->
     test.run()
     assert not test.exception, test.exception
     return test
-
-
-def launch(monkeypatch, argv: list[str]) -> dict[str, str]:
-    """The environment ``cbm app ARGV`` would start the editor with (captured instead of run)."""
-    parser = argparse.ArgumentParser()
-    app_cli.add_commands(parser.add_subparsers())
-    captured = []
-    monkeypatch.setattr(os, "execve", lambda path, command, env: captured.append(env))
-    args = parser.parse_args(["app", *argv])
-    args.run(args)
-    return captured[0]
 
 
 def shown_video(app: AppTest) -> tuple[EditorSession, int, str]:
@@ -160,10 +147,13 @@ def test_the_default_data_of_a_toy_video_model_and_the_command_line(video_setup,
     assert session.data_spec == DEFAULT_VIDEO_DATA == default_data(load(video_setup["model"]))
     assert session.is_video and any(h.value.startswith("Prediction:") for h in app.subheader)
 
-    assert launch(monkeypatch, [str(video_setup["model"])])["CBM_APP_DATA"] == ""
-    assert launch(monkeypatch, [str(video_setup["model"]), "--data", "toy:videos@val"])["CBM_APP_DATA"] == "toy:videos@val"
+    def data_of(argv: list[str]) -> str:
+        return capture_app_launch(monkeypatch, argv)[1]["CBM_APP_DATA"]
+
+    assert data_of([str(video_setup["model"])]) == ""
+    assert data_of([str(video_setup["model"]), "--data", "toy:videos@val"]) == "toy:videos@val"
     bank = ConceptBank(CONCEPTS, torch.tensor(_directions()[:6], dtype=torch.float32), kind="text")
     other = TemporalCBM(bank, epochs=1).fit(make_videos(20, 0)[0]).save(tmp_path / "other.cbm")
     with pytest.raises(ValueError, match="not trained on the toy videos.*--data"):
-        launch(monkeypatch, [str(other)])  # said at the command line, before the editor starts
-    assert launch(monkeypatch, [str(other), "--data", "frames:/videos"])["CBM_APP_DATA"] == "frames:/videos"
+        capture_app_launch(monkeypatch, [str(other)])  # said at the command line, before the editor starts
+    assert data_of([str(other), "--data", "frames:/videos"]) == "frames:/videos"

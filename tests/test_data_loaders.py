@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import write_video
 
 from cbm.data.base import ImageReadError, window_spans
 from cbm.data.cifar import CIFAR
@@ -450,23 +451,6 @@ def test_frame_folder_empty_video(frame_root: Path, caplog: pytest.LogCaptureFix
     assert "w0_empty" in caplog.text and "walk/w0_empty" not in ds.video_ids
     with pytest.raises(FileNotFoundError, match="no_frames_here"):
         FrameFolderVideos(frame_root / "no_frames_here")
-
-
-def write_video(path: Path, n_frames: int = 20, codec: str = "mpeg4") -> Path:
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 12 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")

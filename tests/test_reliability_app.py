@@ -4,32 +4,18 @@ the upload), keeps typed file names inside the model's folder, and fails on a cr
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
 import sys
 
 import pytest
 import torch
 from PIL import Image
-from tiny_models import rewrite_manifest
+from tiny_models import capture_app_launch, rewrite_manifest
 
-from app import cli as app_cli
 from app.session import EditorSession, read_upload
 from cbm.data.base import ImageReadError
 from cbm.models import BundleError, PosthocCBM, load
 from concepts import ConceptBank
-
-
-def launch(monkeypatch, argv: list[str]) -> list[str]:
-    """The streamlit command ``cbm app ARGV`` would exec (captured instead of run)."""
-    parser = argparse.ArgumentParser()
-    app_cli.add_commands(parser.add_subparsers())
-    captured = []
-    monkeypatch.setattr(os, "execve", lambda path, command, env: captured.append(command))
-    args = parser.parse_args(["app", *argv])
-    args.run(args)
-    return captured[0]
 
 
 def option(command: list[str], name: str) -> str:
@@ -37,13 +23,13 @@ def option(command: list[str], name: str) -> str:
 
 
 def test_the_editor_binds_to_localhost_unless_asked_and_caps_uploads(monkeypatch, tmp_path):
-    command = launch(monkeypatch, [])
+    command = capture_app_launch(monkeypatch, [])[0]
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
     assert option(command, "--server.address") == "127.0.0.1"
     assert option(command, "--server.maxUploadSize") == "20"  # MB, the same cap read_image_bytes applies
-    assert option(launch(monkeypatch, ["--host", "0.0.0.0"]), "--server.address") == "0.0.0.0"
+    assert option(capture_app_launch(monkeypatch, ["--host", "0.0.0.0"])[0], "--server.address") == "0.0.0.0"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        launch(monkeypatch, [str(tmp_path / "../../no/such/model.cbm")])
+        capture_app_launch(monkeypatch, [str(tmp_path / "../../no/such/model.cbm")])
 
 
 def png(colour, size=(8, 8)) -> bytes:

@@ -17,12 +17,11 @@ import time
 import zlib
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import rewrite_manifest, write_tiny_clip_dir
+from tiny_models import rewrite_manifest, write_tiny_clip_dir, write_video
 
 from cbm.backbones import load_backbone
 from cbm.data.base import ImageReadError, read_image, read_image_bytes
@@ -366,26 +365,10 @@ def test_fuzzed_images_decode_or_fail_cleanly():
 
 
 # ----------------------------------------------------------------------------------------- videos
-def write_video(path: Path, frames: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width = stream.height = 16
-        stream.pix_fmt = "yuv420p"
-        container.start_encoding()
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 60 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def test_zero_and_single_frame_and_broken_videos(tmp_path, caplog):
-    write_video(tmp_path / "a" / "one.avi", 1)
-    write_video(tmp_path / "b" / "three.avi", 3)
-    write_video(tmp_path / "b" / "zero.avi", 0)
+    write_video(tmp_path / "a" / "one.avi", 1, size=16, rate=5, shade_step=60)
+    write_video(tmp_path / "b" / "three.avi", 3, size=16, rate=5, shade_step=60)
+    write_video(tmp_path / "b" / "zero.avi", 0, size=16, rate=5, shade_step=60)
     (tmp_path / "b" / "cut.avi").write_bytes((tmp_path / "b" / "three.avi").read_bytes()[:300])
     (tmp_path / "b" / "noise.mp4").write_bytes(bytes(range(256)) * 4)
     with pytest.raises((ImageReadError, ValueError)) as info:
@@ -397,7 +380,7 @@ def test_zero_and_single_frame_and_broken_videos(tmp_path, caplog):
     assert videos.load(0)[0].size == (16, 16)
     for name in ("zero.avi", "cut.avi", "noise.mp4"):
         assert name in caplog.text
-    write_video(tmp_path / "empty" / "c" / "zero.avi", 0)
+    write_video(tmp_path / "empty" / "c" / "zero.avi", 0, size=16, rate=5, shade_step=60)
     with pytest.raises(ValueError, match="no usable videos"):
         VideoFileDataset(tmp_path / "empty", on_error="skip")
 

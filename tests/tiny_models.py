@@ -68,3 +68,39 @@ def rewrite_manifest(path, change):
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size:])
+
+
+def write_video(path: Path, n_frames: int = 20, codec: str = "mpeg4", size: int = 32, rate: int = 10,
+                shade_step: int = 12) -> Path:
+    """A small grey video whose frame i has every pixel at ``shade_step * i``; 0 frames gives a valid empty file."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), shade_step * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def capture_app_launch(monkeypatch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment ``cbm app ARGV`` would exec Streamlit with (captured instead of run)."""
+    import argparse
+    import os
+
+    from app import cli as app_cli
+
+    parser = argparse.ArgumentParser()
+    app_cli.add_commands(parser.add_subparsers())
+    captured = []
+    monkeypatch.setattr(os, "execve", lambda path, command, env: captured.append((command, env)))
+    args = parser.parse_args(["app", *argv])
+    args.run(args)
+    return captured[0]
