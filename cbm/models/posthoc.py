@@ -24,7 +24,8 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix, bank_from_state, bank_state, prepare_validation)
-from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
+from cbm.models.solvers import LinearSolution, elastic_net_path, elastic_net_softmax, lambda_max
+from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
     l1_ratio: elastic-net mixing, 0.99 (almost pure L1) as in the paper.
     hybrid: add the PCBM-h residual; ``residual_l2``, ``residual_lr``, ``residual_epochs``,
         ``batch_size`` and ``patience`` configure its training (reference: 1e-3, 1e-2, 20, 64).
+    stream: keep the training data on the device (False), stream it from host memory in chunks and
+        batches (True), or decide by free device memory ("auto"); see ``cbm.models.streaming``.
     """
 
     family = "posthoc"
@@ -48,7 +51,7 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
     def __init__(self, bank: ConceptBank, *, lam: float | Literal["rule", "path"] = "rule", c: float = 2.0,
                  l1_ratio: float = 0.99, n_lambdas: int = 12, hybrid: bool = False, residual_l2: float = 1e-3,
                  residual_lr: float = 1e-2, residual_epochs: int = 20, batch_size: int = 64, patience: int = 3,
-                 max_iter: int = 3000, seed: int = 0, device: str = "auto") -> None:
+                 max_iter: int = 3000, seed: int = 0, device: str = "auto", stream: Stream = "auto") -> None:
         self.bank = bank
         self.lam = lam
         self.c = c
@@ -63,6 +66,7 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         self.max_iter = max_iter
         self.seed = seed
         self.device = device
+        self.stream = stream
 
     # ------------------------------------------------------------------ concepts
     def _margins(self, features: torch.Tensor) -> torch.Tensor:
@@ -114,41 +118,44 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
                                                                         self.bank)
 
         device = resolve_device(self.device)
-        train_s, val_s = self._margins(train_x).to(device), self._margins(val_x).to(device)
-        train_y_d, val_y_d = train_y.to(device), val_y.to(device)
-        head = self._fit_head(train_s, train_y_d, val_s, val_y_d, n_classes)
+        train_s, val_s = self._margins(train_x), self._margins(val_x)
+        moved = (train_s, train_y, val_s, val_y) + ((train_x, val_x) if self.hybrid else ())
+        streamed = should_stream(self.stream, moved, device)
+        train, val = Rows((train_s, train_y), device, streamed), Rows((val_s, val_y), device, streamed)
+        head = self._fit_head(train, val, n_classes)
         self.weight_, self.bias_ = head.weight.cpu(), head.bias.cpu()
         self.lam_ = head.lam
         self.reference_high_, self.reference_low_ = references
-        head_val = accuracy(val_s.cpu() @ self.weight_.T + self.bias_, val_y)
-        self.metrics_ = {"train_accuracy": accuracy(train_s.cpu() @ self.weight_.T + self.bias_, train_y),
+        head_val = accuracy(val_s @ self.weight_.T + self.bias_, val_y)
+        self.metrics_ = {"train_accuracy": accuracy(train_s @ self.weight_.T + self.bias_, train_y),
                          "val_accuracy": head_val, "pcbm_val_accuracy": head_val,
                          "nonzero_weights": int((self.weight_ != 0).sum())}
         if self.hybrid:
-            self._fit_residual(train_x, train_y, val_x, val_y)
+            self._fit_residual(train_x, train_y, val_x, val_y, streamed)
             self.metrics_["val_accuracy"] = accuracy(self._logits(val_x, self._margins(val_x)), val_y)
         self.training_ = {"samples": len(train_x), "validation": val_source, "validation_samples": len(val_x),
                           "lam": self.lam_, "solver_iterations": head.iterations, "converged": head.converged,
+                          "streamed": streamed,
                           "data": getattr(x, "ids", None) and len(x.ids)}
         logger.info("PCBM%s: lam=%.3g, %d non-zero weights, validation accuracy %.3f", "-h" if self.hybrid else "",
                     self.lam_, self.metrics_["nonzero_weights"], self.metrics_["val_accuracy"])
         return self
 
-    def _fit_head(self, train_s: torch.Tensor, train_y: torch.Tensor, val_s: torch.Tensor, val_y: torch.Tensor,
-                  n_classes: int):
+    def _fit_head(self, train: Rows, val: Rows, n_classes: int) -> LinearSolution:
+        """The elastic-net head on (margins, labels) ``train``, its penalty chosen on ``val`` for "path"."""
         if self.lam == "path":
-            top = lambda_max(train_s, train_y, n_classes, self.l1_ratio)
+            top = lambda_max(train, None, n_classes, self.l1_ratio)
             lams = list(np.geomspace(top, top * 1e-3, self.n_lambdas))
-            path = elastic_net_path(train_s, train_y, n_classes, lams, self.l1_ratio, max_iter=self.max_iter)
-            scores = [accuracy(val_s @ s.weight.T + s.bias, val_y) for s in path]
+            path = elastic_net_path(train, None, n_classes, lams, self.l1_ratio, max_iter=self.max_iter)
+            scores = [evaluate(val, lambda s, w=solution: s @ w.weight.T + w.bias)[0] for solution in path]
             best = max(range(len(path)), key=lambda i: (round(scores[i], 4), -i))  # ties: the sparser one
             self.path_ = [{"lam": s.lam, "val_accuracy": a, "nonzero": int((s.weight != 0).sum())}
                           for s, a in zip(path, scores)]
             return path[best]
-        lam = self.c / (n_classes * train_s.shape[1]) if self.lam == "rule" else float(self.lam)
+        lam = self.c / (n_classes * len(self.concept_names_)) if self.lam == "rule" else float(self.lam)
         if lam < 0 or not np.isfinite(lam):
             raise ValueError(f"lam must be 'rule', 'path' or a non-negative number, got {self.lam!r}.")
-        return elastic_net_softmax(train_s, train_y, n_classes, lam, self.l1_ratio, max_iter=self.max_iter)
+        return elastic_net_softmax(train, None, n_classes, lam, self.l1_ratio, max_iter=self.max_iter)
 
     def _references(self, features: torch.Tensor, concept_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-concept "high"/"low" scores: from concept labels if given, else the CAV's recorded
@@ -171,7 +178,7 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         return torch.quantile(scores, 0.95, dim=0), torch.quantile(scores, 0.05, dim=0)
 
     def _fit_residual(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-                      val_y: torch.Tensor) -> None:
+                      val_y: torch.Tensor, streamed: bool) -> None:
         """Train the residual layer with Adam; keep the epoch with the best validation loss."""
         device = resolve_device(self.device)
         generator = torch.Generator().manual_seed(self.seed)
@@ -179,23 +186,24 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         with torch.no_grad():
             residual.weight.zero_()
             residual.bias.zero_()
-        head_train = (self._margins(train_x) @ self.weight_.T + self.bias_).to(device)
-        head_val = (self._margins(val_x) @ self.weight_.T + self.bias_).to(device)
-        train_x, train_y, val_x, val_y = train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device)
+        train = Rows((train_x, self._margins(train_x) @ self.weight_.T + self.bias_, train_y), device, streamed)
+        val = Rows((val_x, self._margins(val_x) @ self.weight_.T + self.bias_, val_y), device, streamed)
         optimiser = torch.optim.Adam(residual.parameters(), lr=self.residual_lr)
-        with torch.no_grad():  # epoch 0 is the plain PCBM: the residual is kept only if validation improves
-            start = float(nn.functional.cross_entropy(head_val + residual(val_x), val_y))
+
+        def validation_loss() -> float:
+            return evaluate(val, lambda x, head: head + residual(x))[1]
+
+        start = validation_loss()  # epoch 0 is the plain PCBM: the residual is kept only if validation improves
         best = (start, residual.weight.detach().clone(), residual.bias.detach().clone(), 0)
         stale = 0
         for epoch in range(1, self.residual_epochs + 1):
-            for batch in torch.randperm(len(train_x), generator=generator).split(self.batch_size):
-                logits = head_train[batch] + residual(train_x[batch])
-                loss = nn.functional.cross_entropy(logits, train_y[batch]) + self.residual_l2 * residual.weight.pow(2).mean()
+            for batch in torch.randperm(len(train), generator=generator).split(self.batch_size):
+                x, head, y = train.batch(batch)
+                loss = nn.functional.cross_entropy(head + residual(x), y) + self.residual_l2 * residual.weight.pow(2).mean()
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-            with torch.no_grad():
-                val_loss = float(nn.functional.cross_entropy(head_val + residual(val_x), val_y))
+            val_loss = validation_loss()
             if val_loss < best[0] - 1e-5:
                 best, stale = (val_loss, residual.weight.detach().clone(), residual.bias.detach().clone(), epoch), 0
             else:
