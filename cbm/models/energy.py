@@ -74,6 +74,7 @@ from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
                              as_matrix, bank_from_state, bank_state, check_intervention, finite_output, holdout_split,
                              intervention_pair, split_validation)
+from cbm.models.streaming import Rows, Stream, should_stream
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,9 @@ class EnergyCBM(ConceptBottleneckModel):
         convergence test; ``inference_batch`` samples are optimised together.
     bank, pseudo_threshold: a concept bank for pseudo-labels when the data has no concept labels.
     exact_max_concepts, gibbs_chains, gibbs_sweeps: conditional probabilities (exact or Gibbs).
+    stream: keep the training data on the device (False), stream it from host memory in batches and
+        chunks (True), or decide by free device memory ("auto"); see ``cbm.models.streaming``.
+        Inference always goes ``inference_batch`` samples at a time.
     """
 
     family = "energy"
@@ -283,7 +287,8 @@ class EnergyCBM(ConceptBottleneckModel):
                  inference_steps: int = 300, tol: float = 1e-4, inference_patience: int = 10,
                  inference_batch: int = 2048, bank: ConceptBank | None = None,
                  pseudo_threshold: str | float | tuple[str, float] = "auto", exact_max_concepts: int = 14,
-                 gibbs_chains: int = 256, gibbs_sweeps: int = 200, seed: int = 0, device: str = "auto") -> None:
+                 gibbs_chains: int = 256, gibbs_sweeps: int = 200, seed: int = 0, device: str = "auto",
+                 stream: Stream = "auto") -> None:
         self.hidden = hidden
         self.loss_weights = loss_weights
         self.global_concept_weight = global_concept_weight
@@ -309,6 +314,7 @@ class EnergyCBM(ConceptBottleneckModel):
         self.gibbs_sweeps = gibbs_sweeps
         self.seed = seed
         self.device = device
+        self.stream = stream
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -431,11 +437,13 @@ class EnergyCBM(ConceptBottleneckModel):
         self.link_value_ = self.concept_prior_.expand(n_classes, k).clone()
 
         device = resolve_device(self.device)
+        train = (self._standardise(train_x), train_y, train_c)
+        val = (self._standardise(val_x), val_y, val_c)
+        streamed = should_stream(self.stream, train + val, device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             net = EnergyNetworks(self.n_features_in_, k, n_classes, self.hidden, self.dropout).to(device)
-            history = self._train(net, weights, (self._standardise(train_x), train_y, train_c),
-                                  (self._standardise(val_x), val_y, val_c), device)
+            history = self._train(net, weights, Rows(train, device, streamed), Rows(val, device, streamed))
         self.net_ = net.cpu().eval()
         self.metrics_ = {"val_loss": history["best_val_loss"]}
         if self.inference_weights == "auto":
@@ -459,6 +467,7 @@ class EnergyCBM(ConceptBottleneckModel):
                                                   .all(1).float().mean())})
         self.training_ = {"samples": len(train_x), "validation": val_source, "validation_samples": len(val_x),
                           "concepts": source, "epochs": history["epochs"], "best_epoch": history["best_epoch"],
+                          "streamed": streamed,
                           "loss_weights": list(weights), "stopped_early": history["stopped_early"],
                           "inference_weights": list(self.inference_weights_),
                           "inference_weight_selection": self.training_selection_}
@@ -497,24 +506,22 @@ class EnergyCBM(ConceptBottleneckModel):
         delta = energy(e_on) - energy(e_off)  # [B, K]: E(c_k=1) - E(c_k=0)
         return F.binary_cross_entropy_with_logits(-delta, c, reduction="sum") / len(c)
 
-    def _train(self, net: EnergyNetworks, weights: tuple[float, float, float], train: tuple, val: tuple,
-               device: torch.device) -> dict[str, Any]:
-        train_x, train_y, train_c = (t.to(device) for t in train)
-        val_x, val_y, val_c = (t.to(device) for t in val)
+    def _train(self, net: EnergyNetworks, weights: tuple[float, float, float], train: Rows,
+               val: Rows) -> dict[str, Any]:
+        """Adam on (standardised features, labels, concepts) ``train``; early stopping on the loss over ``val``."""
         generator = torch.Generator().manual_seed(self.seed)
         optimiser = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         best_loss, best_state, best_epoch, stale, epoch = float("inf"), None, 0, 0, 0
         for epoch in range(1, self.max_epochs + 1):
             net.train()
-            for batch in torch.randperm(len(train_x), generator=generator).split(self.batch_size):
-                batch = batch.to(device)
-                loss = self._losses(net, train_x[batch], train_y[batch], train_c[batch], weights, generator)
+            for batch in torch.randperm(len(train), generator=generator).split(self.batch_size):
+                loss = self._losses(net, *train.batch(batch), weights, generator)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
             net.eval()
-            with torch.no_grad():
-                val_loss = float(self._losses(net, val_x, val_y, val_c, weights, None))
+            with torch.no_grad():  # the per-sample mean loss, summed chunk by chunk
+                val_loss = float(val.sum(lambda x, y, c: self._losses(net, x, y, c, weights, None) * len(x))) / len(val)
             if best_state is None or val_loss < best_loss - 1e-4 * abs(best_loss):
                 best_loss, best_epoch, stale = val_loss, epoch, 0
                 best_state = {name: t.detach().clone() for name, t in net.state_dict().items()}

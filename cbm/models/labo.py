@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +45,7 @@ from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
                              accuracy, as_labels, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
                              prepare_validation, split_validation)
+from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
     eval_every: epochs between validation checks (the paper: 10).
     patience: stop after this many checks without a better validation accuracy (None: run all epochs).
     l1, diversity: weights of the optional terms (0 = off, as in the paper's configs).
+    stream: keep the training data on the device (False), stream it from host memory in batches and
+        chunks (True; a full batch then adds up its gradient chunk by chunk), or decide by free device
+        memory ("auto"); see ``cbm.models.streaming``.
     """
 
     family = "labo"
@@ -80,7 +84,8 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
     def __init__(self, bank: ConceptBank, *, prior: Mapping[str, Sequence[str]] | Literal["none"] | None = None,
                  init_value: float = 1.0, normalize: bool = True, scale: float = 100.0, lr: float = 0.05,
                  epochs: int = 1000, batch_size: int | None = None, eval_every: int = 1, patience: int | None = 50,
-                 l1: float = 0.0, diversity: float = 0.0, seed: int = 0, device: str = "auto") -> None:
+                 l1: float = 0.0, diversity: float = 0.0, seed: int = 0, device: str = "auto",
+                 stream: Stream = "auto") -> None:
         self.bank = bank
         self.prior = prior
         self.init_value = init_value
@@ -95,6 +100,7 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         self.diversity = diversity
         self.seed = seed
         self.device = device
+        self.stream = stream
 
     @classmethod
     def paper_recipe(cls, bank: ConceptBank, **overrides: Any) -> LaBoCBM:
@@ -170,9 +176,9 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         train_x, train_y, val_x, val_y, source = prepare_validation(self, features, labels, validation, self.seed,
                                                                     self.bank)
         device = resolve_device(self.device)
-        train_s = self._similarities(train_x).to(device)
-        val_s = self._similarities(val_x).to(device)
-        train_y, val_y = train_y.to(device), val_y.to(device)
+        train_s, val_s = self._similarities(train_x), self._similarities(val_x)
+        streamed = should_stream(self.stream, (train_s, train_y, val_s, val_y), device)
+        train, val = Rows((train_s, train_y), device, streamed), Rows((val_s, val_y), device, streamed)
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         association = nn.Parameter((self.init_value * prior).to(device))
@@ -181,35 +187,44 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         def logits_of(scores: torch.Tensor) -> torch.Tensor:
             return self.scale * scores @ torch.softmax(association, dim=1).T
 
-        with torch.no_grad():
-            initial_val = accuracy(logits_of(val_s).cpu(), val_y.cpu())
+        def step(parts: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
+            """One Adam step on the mean loss over ``n`` rows given in parts (a batch, or the chunks of a
+            full batch): each part's share of the gradient is added up before the step."""
+            optimiser.zero_grad()
+            total = 0.0
+            for scores, labels in parts:
+                logits = logits_of(scores)
+                loss = nn.functional.cross_entropy(logits, labels, reduction="sum") / n
+                if self.diversity:
+                    loss = loss - self.diversity * (logits / self.scale).var(dim=1).sum() / n
+                loss.backward()
+                total += float(loss.detach())
+            if self.l1:
+                penalty = self.l1 * association.abs().sum(dim=1).max()
+                penalty.backward()
+                total += float(penalty.detach())
+            optimiser.step()
+            return total
+
+        initial_val = evaluate(val, logits_of)[0]
         best = {"val_accuracy": initial_val, "val_loss": math.inf, "epoch": 0, "seconds": 0.0,
                 "w": association.detach().clone()}
         history = [{"epoch": 0, "seconds": 0.0, "val_accuracy": initial_val}]
         started, stale, lowest = time.perf_counter(), 0, math.inf
-        batch = self.batch_size or len(train_s)
+        batch = self.batch_size or len(train)
         epoch = 0
         for epoch in range(1, int(self.epochs) + 1):
-            order = torch.randperm(len(train_s), generator=generator).to(device) if batch < len(train_s) else None
-            for index in (order.split(batch) if order is not None else [slice(None)]):
-                logits = logits_of(train_s[index])
-                loss = nn.functional.cross_entropy(logits, train_y[index])
-                if self.l1:
-                    loss = loss + self.l1 * association.abs().sum(dim=1).max()
-                if self.diversity:
-                    loss = loss - self.diversity * (logits / self.scale).var(dim=1).mean()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+            if batch < len(train):
+                for index in torch.randperm(len(train), generator=generator).split(batch):
+                    train_loss = step([train.batch(index)], len(index))
+            else:
+                train_loss = step(train.chunks(), len(train))
             if epoch % self.eval_every and epoch != self.epochs:
                 continue
-            with torch.no_grad():
-                val_logits = logits_of(val_s)
-                val_acc = accuracy(val_logits.cpu(), val_y.cpu())
-                val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
+            val_acc, val_loss = evaluate(val, logits_of)
             seconds = time.perf_counter() - started
             history.append({"epoch": epoch, "seconds": seconds, "val_accuracy": val_acc, "val_loss": val_loss,
-                            "train_loss": float(loss.detach())})
+                            "train_loss": train_loss})
             progressed = val_acc > best["val_accuracy"] or val_loss < lowest - 1e-4
             lowest = min(lowest, val_loss)
             stale = 0 if progressed else stale + 1
@@ -221,15 +236,14 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         self.association_ = best["w"].cpu()
         self.weight_ = torch.softmax(self.association_, dim=1)
         self.prior_ = prior
-        train_scores = train_s.cpu()
-        self.reference_high_ = torch.quantile(train_scores, 0.95, dim=0)
-        self.reference_low_ = torch.quantile(train_scores, 0.05, dim=0)
+        self.reference_high_ = torch.quantile(train_s, 0.95, dim=0)
+        self.reference_low_ = torch.quantile(train_s, 0.05, dim=0)
         self.history_ = history
-        self.metrics_ = {"train_accuracy": accuracy(self.predict_from_concepts(train_scores), train_y.cpu()),
+        self.metrics_ = {"train_accuracy": accuracy(self.predict_from_concepts(train_s), train_y),
                          "val_accuracy": best["val_accuracy"], "prior_val_accuracy": initial_val}
         self.training_ = {"samples": len(train_x), "validation": source, "validation_samples": len(val_x),
                           "epochs_run": epoch, "best_epoch": best["epoch"], "seconds": time.perf_counter() - started,
-                          "seconds_to_best": best["seconds"], "prior_pairs": int(prior.sum())}
+                          "seconds_to_best": best["seconds"], "prior_pairs": int(prior.sum()), "streamed": streamed}
         logger.info("LaBo: best validation accuracy %.3f at epoch %d of %d (prior alone: %.3f)",
                     best["val_accuracy"], best["epoch"], epoch, initial_val)
         return self

@@ -46,6 +46,7 @@ from cbm.embed import Embeddings
 from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
                              accuracy, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
                              prepare_validation)
+from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import DEFAULT_TEMPLATES, ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         for the others; "CBMs are sensitive to lrs").
     epochs, batch_size: up to ``epochs`` epochs of batch 128 with model selection on validation after
         every epoch; ``patience`` epochs without a better validation accuracy or loss stop it.
+    stream: keep the training data on the device (False), stream it from host memory in batches and
+        chunks (True), or decide by free device memory ("auto"); see ``cbm.models.streaming``.
     """
 
     family = "sparse"
@@ -105,7 +108,8 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
     def __init__(self, bank: ConceptBank, *, loss: Loss = "gumbel", tau: float = 1.0, hard: bool = False,
                  l1_lambda: float = 1e-3, contrastive_temperature: float = 0.1, loss_weight: float = 1.0,
                  logit_scale: float = 100.0, lr: float = 1e-3, cbl_lr: float = 1e-3, epochs: int = 200,
-                 batch_size: int = 128, patience: int | None = 15, seed: int = 0, device: str = "auto") -> None:
+                 batch_size: int = 128, patience: int | None = 15, seed: int = 0, device: str = "auto",
+                 stream: Stream = "auto") -> None:
         self.bank = bank
         self.loss = loss
         self.tau = tau
@@ -121,6 +125,7 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         self.patience = patience
         self.seed = seed
         self.device = device
+        self.stream = stream
 
     # ------------------------------------------------------------------ concepts and head
     def _similarities(self, features: torch.Tensor) -> torch.Tensor:
@@ -169,8 +174,9 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         train_x, train_y, val_x, val_y, source = prepare_validation(self, features, labels, validation, self.seed,
                                                                     self.bank)
         device = resolve_device(self.device)
-        train_s, val_s = self._similarities(train_x).to(device), self._similarities(val_x).to(device)
-        train_y, val_y = train_y.to(device), val_y.to(device)
+        train_s, val_s = self._similarities(train_x), self._similarities(val_x)
+        streamed = should_stream(self.stream, (train_s, train_y, val_s, val_y), device)
+        train, val = Rows((train_s, train_y), device, streamed), Rows((val_s, val_y), device, streamed)
         k, c = train_s.shape[1], len(self.class_names_)
         torch.manual_seed(self.seed)
         cbl, head = nn.Linear(k, k, bias=False).to(device), nn.Linear(k, c, bias=False).to(device)
@@ -182,10 +188,10 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         history, stale, started, epoch, lowest = [], 0, time.perf_counter(), 0, math.inf
         for epoch in range(1, int(self.epochs) + 1):
             sums = {"ce": 0.0, "cbl": 0.0}
-            for index in torch.randperm(len(train_s), generator=generator).to(device).split(int(self.batch_size)):
-                sims = train_s[index]
+            for index in torch.randperm(len(train), generator=generator).split(int(self.batch_size)):
+                sims, labels = train.batch(index)
                 activations = cbl(sims)
-                ce = nn.functional.cross_entropy(head(activations), train_y[index])
+                ce = nn.functional.cross_entropy(head(activations), labels)
                 extra = self._cbl_loss(activations, sims, cbl)
                 loss = ce + self.loss_weight * extra
                 optimiser.zero_grad()
@@ -193,10 +199,7 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
                 optimiser.step()
                 sums["ce"] += float(ce.detach()) * len(index)
                 sums["cbl"] += float(extra.detach()) * len(index)
-            with torch.no_grad():
-                val_logits = head(cbl(val_s))
-                val_acc = accuracy(val_logits.cpu(), val_y.cpu())
-                val_loss = float(nn.functional.cross_entropy(val_logits, val_y))
+            val_acc, val_loss = evaluate(val, lambda sims: head(cbl(sims)))
             seconds = time.perf_counter() - started
             history.append({"epoch": epoch, "seconds": seconds, "val_accuracy": val_acc, "val_loss": val_loss,
                             "train_ce": sums["ce"] / len(train_s), "train_cbl_loss": sums["cbl"] / len(train_s)})
@@ -209,19 +212,19 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
             if self.patience is not None and stale >= self.patience:
                 break
         self.cbl_weight_, self.weight_ = (t.cpu() for t in best["state"])
-        train_c = train_s.cpu() @ self.cbl_weight_.T
+        train_c = train_s @ self.cbl_weight_.T
         self.reference_high_ = torch.quantile(train_c, 0.95, dim=0)
         self.reference_low_ = torch.quantile(train_c, 0.05, dim=0)
         self.history_ = history
         change = {name: float((now - before.cpu()).norm() / before.norm().clamp(min=1e-12))
                   for name, now, before in (("cbl", self.cbl_weight_, initial[0]), ("head", self.weight_, initial[1]))}
-        self.metrics_ = {"train_accuracy": accuracy(train_c @ self.weight_.T, train_y.cpu()),
+        self.metrics_ = {"train_accuracy": accuracy(train_c @ self.weight_.T, train_y),
                          "val_accuracy": best["val_accuracy"],
-                         **{f"val_{key}": value for key, value in top_share(val_s.cpu() @ self.cbl_weight_.T).items()}}
+                         **{f"val_{key}": value for key, value in top_share(val_s @ self.cbl_weight_.T).items()}}
         self.training_ = {"samples": len(train_x), "validation": source, "validation_samples": len(val_x),
                           "epochs_run": epoch, "best_epoch": best["epoch"], "seconds": time.perf_counter() - started,
                           "seconds_to_best": best["seconds"], "relative_change_cbl": change["cbl"],
-                          "relative_change_head": change["head"]}
+                          "relative_change_head": change["head"], "streamed": streamed}
         logger.info("Sparse-CBM (%s): validation accuracy %.3f at epoch %d", self.loss, best["val_accuracy"],
                     best["epoch"])
         return self

@@ -68,6 +68,7 @@ from cbm.models.base import (
     holdout_split,
     intervention_pair,
 )
+from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
@@ -463,6 +464,8 @@ class TemporalCBM(ConceptBottleneckModel):
     label_smoothing, l1 (classifier), sparsity (mean per-window concept): the loss.
     lr, weight_decay, epochs, batch_size, patience, clip: AdamW training; the epoch with the best
         validation accuracy is kept.
+    stream: keep the training data on the device (False), stream it from host memory in batches and
+        chunks (True), or decide by free device memory ("auto"); see ``cbm.models.streaming``.
     """
 
     family = "temporal"
@@ -472,7 +475,7 @@ class TemporalCBM(ConceptBottleneckModel):
                  positional: Literal["attention", "input"] = "attention", position_dim: int = 8, tau: float = 1.0, dropout: float = 0.1, label_smoothing: float = 0.1, l1: float = 1e-3,
                  sparsity: float = 1e-3, lr: float = 1e-2, weight_decay: float = 1e-2, epochs: int = 100,
                  batch_size: int = 32, patience: int = 50, clip: float = 1.0, seed: int = 0,
-                 device: str = "auto") -> None:
+                 device: str = "auto", stream: Stream = "auto") -> None:
         self.bank = bank
         self.attention = attention
         self.heads = heads
@@ -494,6 +497,7 @@ class TemporalCBM(ConceptBottleneckModel):
         self.clip = clip
         self.seed = seed
         self.device = device
+        self.stream = stream
 
     # ------------------------------------------------------------------ inputs
     def _sequences(self, x: SequenceInput, name: str = "x", check_width: bool = True) -> tuple[
@@ -773,6 +777,8 @@ class TemporalCBM(ConceptBottleneckModel):
     def _train(self, train_a: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, val_a: torch.Tensor,
                val_v: torch.Tensor, val_y: torch.Tensor, n_classes: int) -> None:
         device = resolve_device(self.device)
+        streamed = should_stream(self.stream, (train_a, valid, labels, val_a, val_v, val_y), device)
+        train, val = Rows((train_a, valid, labels), device, streamed), Rows((val_a, val_v, val_y), device, streamed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = TemporalNet(len(self.concept_names_), n_classes, attention=self.attention, heads=self.heads,
@@ -783,22 +789,24 @@ class TemporalCBM(ConceptBottleneckModel):
             class_weight = torch.where(counts > 0, counts.max() / counts.clamp_min(1), torch.zeros_like(counts))
             optimiser = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             generator = torch.Generator().manual_seed(self.seed)
-            train_a, valid, labels = train_a.to(device), valid.to(device), labels.to(device)
-            val_a, val_v, val_y = val_a.to(device), val_v.to(device), val_y.to(device)
             class_weight = class_weight.to(device)
             best = (-1.0, float("inf"), copy.deepcopy(net.state_dict()), 0)
             history, stale = [], 0
-            lengths = valid.sum(1).cpu()
+            lengths = valid.sum(1)
+
+            def logits_of(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return net.head(net.bottleneck(a, v)[0], v, self.tau)[0]
+
             for epoch in range(1, self.epochs + 1):
                 net.train()
                 total = 0.0
                 for batch in _length_batches(lengths, self.batch_size, generator):
-                    batch = batch.to(device)
-                    width = int(valid[batch].sum(1).max())
-                    a, v = train_a[batch, :width], valid[batch, :width]
+                    width = int(lengths[batch].max())
+                    a, v, y = train.batch(batch)
+                    a, v = a[:, :width], v[:, :width]
                     concepts, _ = net.bottleneck(a, v)
                     logits, _ = net.head(concepts, v, self.tau)
-                    loss = F.cross_entropy(logits, labels[batch], weight=class_weight,
+                    loss = F.cross_entropy(logits, y, weight=class_weight,
                                            label_smoothing=self.label_smoothing)
                     loss = loss + self.l1 * net.classifier.weight.abs().sum()
                     loss = loss + self.sparsity * concepts[v].abs().mean()
@@ -811,11 +819,8 @@ class TemporalCBM(ConceptBottleneckModel):
                         net.classifier.weight.clamp_(min=0.0)
                     total += float(loss.detach()) * len(batch)
                 net.eval()
-                with torch.no_grad():
-                    val_logits = net.head(net.bottleneck(val_a, val_v)[0], val_v, self.tau)[0]
-                    val_loss = float(F.cross_entropy(val_logits, val_y))
-                    val_acc = float((val_logits.argmax(1) == val_y).float().mean())
-                history.append({"epoch": epoch, "train_loss": total / len(train_a), "val_loss": val_loss,
+                val_acc, val_loss = evaluate(val, logits_of)
+                history.append({"epoch": epoch, "train_loss": total / len(train), "val_loss": val_loss,
                                 "val_accuracy": val_acc})
                 if (val_acc, -val_loss) > (best[0], -best[1]):
                     best, stale = (val_acc, val_loss, copy.deepcopy(net.state_dict()), epoch), 0
@@ -825,14 +830,12 @@ class TemporalCBM(ConceptBottleneckModel):
                         break
             net.load_state_dict(best[2])
             net.eval()
-            with torch.no_grad():
-                train_acc = float((net.head(net.bottleneck(train_a, valid)[0], valid, self.tau)[0].argmax(1)
-                                   == labels).float().mean())
+            train_acc = evaluate(train, logits_of)[0]
         self.net_state_ = {name: tensor.detach().cpu().clone() for name, tensor in net.state_dict().items()}
         self._cached_net = None
         self.history_ = history
         self.metrics_ = {"train_accuracy": train_acc, "val_accuracy": best[0], "val_loss": best[1]}
-        self.training_ = {"best_epoch": best[3], "epochs_run": len(history)}
+        self.training_ = {"best_epoch": best[3], "epochs_run": len(history), "streamed": streamed}
 
     # ------------------------------------------------------------------ global edits
     def edit(self, action: Literal["prune", "set_weight"], concept: str, classes: str | list[str] | None = None, *,
