@@ -163,9 +163,11 @@ def explain_video(s: EditorSession, index: int, video: VideoSequences, before: n
         st.subheader(f"Why {predicted}: concepts over time")
         explanation = model.explain(video, return_attention=False)
         st.pyplot(timeline_figure(explanation, model.concept_names, row=0, k=TIMELINE_CONCEPTS, windows=spans,
+                                  decisive_window=int(model.decisive_windows(video)[0]),
                                   value_label=f"contribution to {predicted}"), use_container_width=False)
         st.caption("Each window's concepts times their weight for the predicted class; above, the weight the "
-                   "model's pooling gives each window (the most important one outlined).")
+                   "model's pooling gives each window (the most important one outlined); dashed: the decisive "
+                   "window, where the evidence for the predicted class rises most as the video unfolds.")
 
 
 def explore(s: EditorSession, filters: tuple) -> None:

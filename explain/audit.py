@@ -365,7 +365,7 @@ def _video_sections(report: dict[str, Any], view: VideoView, importance: Importa
         timelines.append(entry)
         figures[f"timeline {i}"] = plots.timeline_figure(
             view.explanation, view.concept_names, row=row, concepts=entry["concepts"], windows=entry["windows"],
-            event_windows=entry.get("event_windows", ()),
+            event_windows=entry.get("event_windows", ()), decisive_window=entry["decisive_window"],
             title=f"{_short_id(entry['id'])}: true {entry['true']}, predicted {predicted}",
             value_label=f"contribution to {predicted}")
     report["timelines"] = timelines
@@ -580,7 +580,8 @@ def _html_timelines(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]
     page.add("<p class='note'>The most confident correct and wrong videos. Frames: the middle frame of each window. "
              "Rows: the predicted class's top concepts; cells: each concept's contribution to the predicted class in "
              "each window; bars: the weight the pooling gives each window (time importance), the most important "
-             "window outlined; green: windows overlapping a ground-truth event.</p>")
+             "window outlined; dashed: the decisive window, where the evidence for the predicted class rises most as the "
+             "video unfolds (the localisation measure); green: windows overlapping a ground-truth event.</p>")
     for i, entry in enumerate(report["timelines"]):
         wrong = entry["true"] != entry["predicted"]
         where = ""
@@ -589,7 +590,8 @@ def _html_timelines(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]
         page.add(f"<div class='timeline{' wrong' if wrong else ''}'><b>{_text(entry['id'])}</b>: true "
                  f"<b>{_text(entry['true'])}</b>, predicted <b>{_text(entry['predicted'])}</b> "
                  f"(p = {page.num('timelines', i, 'probability')}); most important window "
-                 f"{page.num('timelines', i, 'most_important_window')}{where}.")
+                 f"{page.num('timelines', i, 'most_important_window')}, decisive window "
+                 f"{page.num('timelines', i, 'decisive_window')}{where}.")
         if entry["frames"]:
             page.add("<div class='frames'>" + "".join(f"<img src='{uri}' width='48' height='48' alt='window'>"
                                                       for uri in entry["frames"]) + "</div>")
@@ -632,8 +634,8 @@ def _html_attention(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]
 
 
 def _html_localisation(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) -> None:
-    page.add(f"<p>Of {page.num('localisation', 'videos')} correctly classified videos, the most important window "
-             f"overlaps a ground-truth event in {page.num('localisation', 'hits')}: a rate of "
+    page.add(f"<p>Of {page.num('localisation', 'videos')} correctly classified videos, the decisive window (where "
+             f"the evidence for the predicted class rises most as the video unfolds) overlaps a ground-truth event in {page.num('localisation', 'hits')}: a rate of "
              f"{page.num('localisation', 'rate')}, where a random window of the same videos would reach "
              f"{page.num('localisation', 'chance')}. Videos with known events: "
              f"{page.num('localisation', 'videos_with_events')}.</p>")
@@ -701,7 +703,7 @@ SECTIONS: list[tuple[str, str, str, Section]] = [
     ("timelines", "timelines", "Per-window concept timelines", _html_timelines),
     ("interventions", "interventions", "Intervention curves", _html_interventions),
     ("attention", "attention", "Attention and concept interventions", _html_attention),
-    ("localisation", "localisation", "Localisation of the most important window", _html_localisation),
+    ("localisation", "localisation", "Localisation of the decisive window", _html_localisation),
     ("suspect concepts", "suspects", "Suspect concepts", _html_suspects),
     ("concept quality", "concept_quality", "Concept quality", _html_concept_quality),
     ("metrics", "metrics", "Metrics", _html_metrics),

@@ -13,6 +13,8 @@ view that fits a model.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import torch
 
 from cbm.embed import Embeddings
 from cbm.models.base import ConceptBottleneckModel, as_labels, as_matrix, as_real_tensor
-from cbm.models.temporal import TemporalCBM, VideoSequences, sequences_from_windows
+from cbm.models.temporal import TemporalCBM, VideoSequences, decisive_windows, sequences_from_windows
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +253,17 @@ class VideoView:
     @property
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=1)
+
+    @functools.cached_property
+    def evidence(self) -> torch.Tensor:
+        """The predicted class's evidence as each video unfolds [N, T] (:meth:`TemporalCBM.evidence_over_time`,
+        computed once)."""
+        return self.model.evidence_over_time(self.sequences)
+
+    @property
+    def decisive_windows(self) -> torch.Tensor:
+        """Per video, the window where the evidence for its predicted class rises most [N]."""
+        return decisive_windows(self.evidence)
 
     def labels(self, purpose: str) -> torch.Tensor:
         """The video labels, or a ValueError saying that ``purpose`` needs them."""

@@ -181,9 +181,11 @@ def tcav_figure(report: TCAVReport) -> Figure:
 def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Sequence[str], *, row: int = 0,
                     concepts: Sequence[str] | None = None, k: int = 8, time_importance: Any = None,
                     windows: Sequence[Sequence[int]] | None = None, event_windows: Sequence[int] = (),
-                    title: str = "", value_label: str = "contribution to the predicted class") -> Figure:
+                    decisive_window: int | None = None, title: str = "",
+                    value_label: str = "contribution to the predicted class") -> Figure:
     """The concept timeline of ONE video: a heatmap of concepts (rows) x windows (columns) with a
-    colorbar, the time importance of every window above it, the most important window outlined.
+    colorbar, the time importance of every window above it, the most important window outlined
+    (solid) and, when given, the ``decisive_window`` (where the evidence rises most) dashed.
 
     ``explanation``: a TemporalExplanation (video ``row``: its per-window contributions to the
     predicted class and its time importance) or an array [T, K] of per-window values of every
@@ -225,6 +227,9 @@ def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Seque
     top.tick_params(axis="y", labelsize=6)
     top.grid(axis="y", alpha=0.3)
     handles = [Rectangle((0, 0), 1, 1, color=PEAK, label="most important window")]
+    if decisive_window is not None:
+        handles.append(Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linestyle="--",
+                                 label="decisive window"))
     if event_windows:
         handles.append(Rectangle((0, 0), 1, 1, color=EVENT, alpha=0.3, label="ground-truth event"))
     top.legend(handles=handles, fontsize=6, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
@@ -237,6 +242,9 @@ def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Seque
     image = heat.imshow(matrix, aspect="auto", interpolation="nearest", cmap="RdBu_r" if signed else "YlOrRd",
                         vmin=-limit if signed else 0.0, vmax=limit)
     heat.add_patch(Rectangle((peak - 0.5, -0.5), 1, n_rows, fill=False, edgecolor="black", linewidth=1.6))
+    if decisive_window is not None:
+        heat.add_patch(Rectangle((decisive_window - 0.4, -0.4), 0.8, n_rows - 0.2, fill=False, edgecolor="black",
+                                 linewidth=1.2, linestyle="--"))
     heat.set_yticks(range(n_rows), [_short(concept_names[i], 26) for i in columns], fontsize=7)
     step = max(1, int(np.ceil(n_windows / 24)))
     ticks = list(range(0, n_windows, step))

@@ -8,10 +8,12 @@ Everything works on a :class:`~explain.core.VideoView` of a fitted
   (identity, uniform, reversed, shuffled), and how many predictions each changes;
 - ``zeroed_top_concepts``: accuracy when every video's ``k`` most contributing concepts are set to
   zero in every window (a deletion test of the bottleneck);
-- ``timeline``: one video's per-window contributions of chosen concepts, its time importance and
-  most important window (the numbers behind :func:`explain.plots.timeline_figure`);
-- ``localisation``: the share of correctly classified videos whose most important window overlaps
-  a ground-truth event span, against the share a random window would reach;
+- ``timeline``: one video's per-window contributions of chosen concepts, its time importance, most
+  important window, evidence over time and decisive window (the numbers behind
+  :func:`explain.plots.timeline_figure`);
+- ``localisation``: the share of correctly classified videos whose decisive window (where the
+  evidence for the predicted class rises most) overlaps a ground-truth event span, against the share
+  a random window would reach;
 - ``dataset_events``: those spans from a dataset that knows them (``toy:videos``).
 """
 
@@ -72,11 +74,11 @@ def event_windows(view: VideoView, row: int, spans: Spans) -> list[int]:
 
 
 def localisation(view: VideoView, events: Sequence[Spans]) -> dict[str, Any]:
-    """How often the most important window of a correctly classified video overlaps one of its event
-    spans (``events``: per video, frame spans), and how often a random window of the video would."""
+    """How often the decisive window of a correctly classified video overlaps one of its event spans
+    (``events``: per video, frame spans), and how often a random window of the video would."""
     y = view.labels("localisation")
     correct = view.predictions == y
-    hits = localisation_hits(view.explanation, view.sequences.window_spans, events)[correct]
+    hits = localisation_hits(view.decisive_windows, view.sequences.window_spans, events)[correct]
     lengths = view.sequences.valid.sum(1)
     chance = [len(event_windows(view, row, events[row])) / int(lengths[row]) for row in correct.nonzero().flatten()]
     return {"videos": int(correct.sum()), "hits": int(hits.sum()),
@@ -87,8 +89,8 @@ def localisation(view: VideoView, events: Sequence[Spans]) -> dict[str, Any]:
 
 def timeline(view: VideoView, row: int, concepts: Sequence[str], events: Spans | None = None) -> dict[str, Any]:
     """The numbers of video ``row``'s timeline: per-window contributions of ``concepts`` to the
-    predicted class, time importance, the most important window and (with ``events``) the windows
-    that overlap an event."""
+    predicted class, time importance, the most important window, the predicted class's evidence as
+    the video unfolds, the decisive window and (with ``events``) the windows that overlap an event."""
     e = view.explanation
     valid = e.valid[row]
     columns = [view.concept_names.index(name) for name in concepts]
@@ -101,11 +103,13 @@ def timeline(view: VideoView, row: int, concepts: Sequence[str], events: Spans |
               "windows": view.sequences.window_spans[row][valid].tolist(),
               "time_importance": e.time_importance[row][valid].tolist(),
               "most_important_window": int(e.most_important_window()[row]),
+              "evidence": view.evidence[row][valid].tolist(),
+              "decisive_window": int(view.decisive_windows[row]),
               "concepts": list(concepts),
               "contributions": e.window_contributions[row][valid][:, columns].T.tolist()}
     if events is not None:
         result["event_windows"] = event_windows(view, row, events)
-        result["hit"] = result["most_important_window"] in result["event_windows"]
+        result["hit"] = result["decisive_window"] in result["event_windows"]
     return result
 
 

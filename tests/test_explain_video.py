@@ -13,7 +13,7 @@ from test_models_temporal import CONCEPTS, _directions, make_videos
 
 import explain
 from cbm.embed import Embeddings
-from cbm.models.temporal import TemporalCBM, localisation_hits
+from cbm.models.temporal import TemporalCBM, decisive_windows, localisation_hits
 from concepts.bank import ConceptBank
 from explain.plots import timeline_figure
 
@@ -75,7 +75,8 @@ def test_video_report_numbers_agree_with_the_model(audited):
     assert [row["concepts"] for row in data["attention"]["zeroed"]] == [1, 3, 5]
 
     correct = e.prediction == test.labels
-    hits = localisation_hits(e, test.window_spans, audited["events"])[correct]
+    evidence = model.evidence_over_time(test)
+    hits = localisation_hits(decisive_windows(evidence), test.window_spans, audited["events"])[correct]
     assert data["localisation"]["hits"] == int(hits.sum()) and data["localisation"]["videos"] == int(correct.sum())
     assert data["summary"]["localisation"] == pytest.approx(float(hits.float().mean()))
     assert 0 < data["localisation"]["chance"] < 1
@@ -86,8 +87,10 @@ def test_video_report_numbers_agree_with_the_model(audited):
     for t in timelines:
         row = test.video_ids.index(t["id"])
         assert t["most_important_window"] == int(e.most_important_window()[row])
+        assert t["evidence"] == pytest.approx(evidence[row, :int(test.lengths[row])].tolist(), abs=1e-5)
+        assert t["decisive_window"] == int(decisive_windows(evidence)[row])
         assert np.asarray(t["contributions"]).shape == (len(t["concepts"]), int(test.lengths[row]))
-        assert t["hit"] == (t["most_important_window"] in t["event_windows"]) and t["frames"] is None
+        assert t["hit"] == (t["decisive_window"] in t["event_windows"]) and t["frames"] is None
     assert set(data["omitted"]) == {"samples", "interventions", "suspects"}
     assert "samples" not in data and "suspects" not in data
 
@@ -96,7 +99,7 @@ def test_video_report_html_is_self_contained_and_every_number_is_the_json(audite
     page = (audited["out"] / "report.html").read_text()
     data = audited["report"].data
     for heading in ("Per-window concept timelines", "Attention and concept interventions",
-                    "Localisation of the most important window", "Explained samples", "Suspect concepts"):
+                    "Localisation of the decisive window", "Explained samples", "Suspect concepts"):
         assert f">{heading}</h2>" in page
     assert page.count("Not part of a video audit") == 3
     assert not re.search(r"<script|<link|<iframe|url\((?!#)|@import", page)  # url(#id): clip paths inside SVGs
@@ -126,7 +129,7 @@ def test_timeline_figure_one_row_per_concept(audited):
     e = model.explain(test.subset([0, 1]))
     length = int(e.valid[1].sum())
     fig = timeline_figure(e, model.concept_names, row=1, concepts=["blue", "red", "left"], event_windows=[1],
-                          windows=test.window_spans[1, :length].tolist(), title="video 1")
+                          windows=test.window_spans[1, :length].tolist(), decisive_window=2, title="video 1")
     top, heat, bar = fig.axes
     assert [label.get_text() for label in heat.get_yticklabels()] == ["blue", "red", "left"]
     assert heat.images[0].get_array().shape == (3, length)
@@ -134,6 +137,8 @@ def test_timeline_figure_one_row_per_concept(audited):
     assert len(bars) == length and bar.get_ylabel() == "contribution to the predicted class"
     peak = int(e.most_important_window()[1])
     assert [b.get_facecolor() for b in bars].count(bars[peak].get_facecolor()) == 1
+    dashed = [p for p in heat.patches if p.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_x() == pytest.approx(2 - 0.4)
     values = np.random.default_rng(0).random((5, len(CONCEPTS)))
     plain = timeline_figure(values, CONCEPTS, k=4)
     assert len(plain.axes[1].get_yticklabels()) == 4 and plain.axes[1].images[0].get_array().shape == (4, 5)

@@ -14,6 +14,7 @@ from cbm.models.temporal import (
     TemporalCBM,
     TimeAveragedCBM,
     VideoSequences,
+    decisive_windows,
     localisation_hits,
     pad_sequences,
     reverse_time,
@@ -157,17 +158,41 @@ def test_explanations_decompose_the_logits(world):
     assert set(model.temperatures()) == set(CONCEPTS)
 
 
-def test_localisation_of_the_most_important_window(world):
-    """The most important window lands on a change far more often than a random window would.
-    (The >= 80% criterion is the toy-world acceptance test below; on this synthetic world the state
-    after a change is as informative as the change itself, so the peak often sits later.)"""
+def test_evidence_over_time_is_the_model_on_each_prefix(world):
+    model, test = world["model"], world["test"].subset(range(6))
+    evidence = model.evidence_over_time(test)
+    lengths = test.valid.sum(1)
+    predicted = torch.as_tensor(model.predict(test))
+    full = model.decision_function(test).gather(1, predicted[:, None])[:, 0]
+    assert torch.allclose(evidence[torch.arange(6), lengths - 1], full, atol=1e-5)
+    assert evidence.isnan().equal(~test.valid)
+    row, cut = int(lengths.argmax()), 3
+    prefix = (test.features[row:row + 1, :cut], test.valid[row:row + 1, :cut])
+    assert evidence[row, cut - 1] == pytest.approx(float(model.decision_function(prefix)[0, predicted[row]]), abs=1e-5)
+    other = (predicted + 1) % len(CLASSES)
+    assert not torch.allclose(model.evidence_over_time(test, target=other).nan_to_num(), evidence.nan_to_num())
+
+
+def test_decisive_window_is_the_largest_rise_after_the_first():
+    nan = float("nan")
+    evidence = torch.tensor([[5.0, 1.0, 4.0, 4.5, nan], [0.0, 0.5, 0.2, 3.0, 2.9], [2.0, nan, nan, nan, nan]])
+    assert decisive_windows(evidence).tolist() == [2, 3, 0]
+    assert decisive_windows(torch.tensor([[1.0], [2.0]])).tolist() == [0, 0]
+
+
+def test_localisation_of_the_decisive_window(world):
+    """The decisive window lands on a change far more often than a random window, and than MoTIF's peak
+    time importance, which after a change of state may sit anywhere later (the >= 80% criterion is the
+    toy-world acceptance test below)."""
     model, test, events = world["model"], world["test"], world["events"]
     e = model.explain(test)
     correct = e.prediction == test.labels
-    hits = localisation_hits(e, test.window_spans, events)[correct]
+    decisive = localisation_hits(model.decisive_windows(test), test.window_spans, events)[correct].float().mean()
+    peak = localisation_hits(e.most_important_window(), test.window_spans, events)[correct].float().mean()
     lengths = test.valid.sum(1).float()[correct]
     chance = float((2.0 / lengths).mean())  # two one-window events per video
-    assert float(hits.float().mean()) >= chance + 0.15, (float(hits.float().mean()), chance)
+    print(f"synthetic videos: decisive {float(decisive):.3f}, peak importance {float(peak):.3f}, chance {chance:.3f}")
+    assert float(decisive) >= chance + 0.3 and decisive > peak
 
 
 def test_interventions_on_concepts_windows_and_attention(world):
@@ -297,7 +322,7 @@ def toy_videos(tmp_path_factory):
     clip = load_backbone("toy:clip", device="cpu")
     cache = tmp_path_factory.mktemp("temporal-cache")
     data, sequences = {}, {}
-    for split, n in {"train": 300, "val": 100, "test": 150}.items():
+    for split, n in {"train": 1000, "val": 100, "test": 150}.items():
         data[split] = ToyVideos(split, n, window=4, frames_per_window=4)
         sequences[split] = sequences_from_windows(embed(clip, data[split], cache_dir=cache, progress=False,
                                                         num_workers=0))
@@ -316,14 +341,12 @@ def test_toy_temporal_beats_time_averaging_by_20_points(toy_videos):
     assert temporal >= averaged + 0.20
 
 
-@pytest.mark.xfail(strict=True, reason='known gap: localisation 0.44 over 90 correctly classified toy videos (target 0.80)')
 @needs_toy_clip
-def test_toy_most_important_window_overlaps_the_event(toy_videos):
+def test_toy_decisive_window_overlaps_the_event(toy_videos):
     data, test, model = toy_videos["data"]["test"], toy_videos["seq"]["test"], toy_videos["model"]
-    e = model.explain(test)
     events = [[(ev["start"], ev["stop"]) for ev in data.event_spans(v, defining_only=True)] for v in range(len(test))]
-    correct = e.prediction == test.labels
-    rate = float(localisation_hits(e, test.window_spans, events)[correct].float().mean())
+    correct = torch.as_tensor(model.predict(test)) == test.labels
+    rate = float(localisation_hits(model.decisive_windows(test), test.window_spans, events)[correct].float().mean())
     print(f"toy videos: localisation {rate:.3f} over {int(correct.sum())} correct videos")
     assert rate >= 0.8
 

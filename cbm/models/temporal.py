@@ -691,6 +691,28 @@ class TemporalCBM(ConceptBottleneckModel):
         target = e.prediction if target is None else torch.as_tensor(np.asarray(target)).long().reshape(-1)
         return e.concepts * self._network().classifier.weight.detach()[target][:, None, :]
 
+    def evidence_over_time(self, x: SequenceInput, target: Any = None) -> torch.Tensor:
+        """The ``target`` class's pooled logit as the video unfolds [B, T]: entry ``t`` is what the model
+        says having seen windows ``0..t`` only (NaN at padding); ``target``: class indices [B], default
+        the prediction on the whole video. ``T`` forward passes over the batch."""
+        features, valid, _ = self._sequences(x)
+        target = torch.as_tensor(np.asarray(self.predict((features, valid)) if target is None else target))
+        target = target.long().reshape(-1)
+        steps = torch.arange(valid.shape[1])
+        evidence = torch.full(valid.shape, float("nan"))
+        for t in range(valid.shape[1]):
+            seen = valid & (steps <= t)
+            rows = seen[:, t]
+            if rows.any():
+                logits = self.explain((features[rows, :t + 1], seen[rows, :t + 1]), return_attention=False).logits
+                evidence[rows, t] = logits.gather(1, target[rows, None])[:, 0]
+        return evidence
+
+    def decisive_windows(self, x: SequenceInput) -> torch.Tensor:
+        """Per video, the window where the evidence for the predicted class rises most [B]
+        (:func:`decisive_windows` of :meth:`evidence_over_time`)."""
+        return decisive_windows(self.evidence_over_time(x))
+
     def attention_maps(self, x: SequenceInput) -> torch.Tensor:
         """Per-concept attention over time [B, K, T, T] (rows: query window; [B, heads, T, T] when mixing)."""
         return self.explain(x).attention
@@ -996,13 +1018,28 @@ def zero_shot_video(class_vectors: torch.Tensor, x: SequenceInput,
     raise ValueError(f"method must be 'pooled', 'soft' or 'majority', got {method!r}.")
 
 
-def localisation_hits(explanation: TemporalExplanation, spans: torch.Tensor,
+def decisive_windows(evidence: torch.Tensor) -> torch.Tensor:
+    """Per video, the window whose arrival raises the evidence the most [B], from the evidence as the
+    videos unfold [B, T] (:meth:`TemporalCBM.evidence_over_time`, NaN at padding): the moment the
+    action becomes recognisable. Window 0 has no earlier evidence to rise from; it is chosen only in
+    one-window videos.
+
+    The time importance of :meth:`TemporalCBM.explain` (MoTIF's pooling weights) answers another
+    question, where the evidence is highest: after a change of state it stays high for the rest of
+    the video, so its peak often lies after the event that decided the class."""
+    if evidence.shape[1] == 1:
+        return torch.zeros(len(evidence), dtype=torch.long)
+    rise = evidence.diff(dim=1).nan_to_num(nan=float("-inf"))  # column t-1: the arrival of window t
+    return torch.where(evidence[:, 1].isnan(), 0, rise.argmax(dim=1) + 1)
+
+
+def localisation_hits(windows: torch.Tensor, spans: torch.Tensor,
                       events: Sequence[Sequence[tuple[int, int]]]) -> torch.Tensor:
-    """Whether each video's most important window overlaps one of its event spans [B] (bool):
-    ``spans`` [B, T, 2] window start/stop frames, ``events`` per video a list of (start, stop)."""
-    best = explanation.most_important_window()
+    """Whether each video's chosen window (``windows`` [B], e.g. :meth:`TemporalCBM.decisive_windows`)
+    overlaps one of its event spans [B] (bool): ``spans`` [B, T, 2] window start/stop frames,
+    ``events`` per video a list of (start, stop) frames."""
     hits = []
-    for i, window in enumerate(best.tolist()):
+    for i, window in enumerate(torch.as_tensor(windows).tolist()):
         start, stop = (int(v) for v in spans[i, window])
         hits.append(any(start < e_stop and e_start < stop for e_start, e_stop in events[i]))
     return torch.tensor(hits, dtype=torch.bool)
@@ -1017,6 +1054,7 @@ __all__ = [
     "VideoSequences",
     "as_sequences",
     "concept_cosines",
+    "decisive_windows",
     "labelled_sequences",
     "localisation_hits",
     "pad_sequences",
