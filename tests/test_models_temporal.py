@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import all_cores
 
 from cbm.embed import Embeddings
 from cbm.models import BundleError, load
@@ -324,8 +325,9 @@ def toy_videos(tmp_path_factory):
     data, sequences = {}, {}
     for split, n in {"train": 1000, "val": 100, "test": 150}.items():
         data[split] = ToyVideos(split, n, window=4, frames_per_window=4)
-        sequences[split] = sequences_from_windows(embed(clip, data[split], cache_dir=cache, progress=False,
-                                                        num_workers=0))
+        with all_cores():
+            windows = embed(clip, data[split], cache_dir=cache, progress=False, num_workers=0)
+        sequences[split] = sequences_from_windows(windows)
     bank = toy_text_bank(clip)
     model = TemporalCBM(bank, seed=0).fit(sequences["train"], validation=sequences["val"])
     averaged = TimeAveragedCBM(bank).fit(sequences["train"], validation=sequences["val"])

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 logger = logging.getLogger(__name__)
@@ -98,29 +97,27 @@ def linear_probe(
 ) -> dict[str, Any]:
     """Logistic regression on standardised embeddings; C chosen by validation accuracy.
 
-    Returns ``accuracy`` (test, with the chosen C refit on train), ``C``, ``val_accuracy`` and
-    the validation accuracy of every C tried.
+    The Cs are fitted from the strongest regularisation up, each warm-started from the previous
+    solution (several times faster than cold starts, the same choice of C). Returns ``accuracy``
+    (test, of the chosen C), ``C``, ``val_accuracy`` and the validation accuracy of every C tried.
     """
-    train_x, val_x, test_x = _array(train_x), _array(val_x), _array(test_x)
+    if not cs:
+        raise ValueError("cs must not be empty.")
     train_y, val_y, test_y = (np.asarray(y) for y in (train_y, val_y, test_y))
+    scaler = StandardScaler().fit(_array(train_x))
+    train_x, val_x, test_x = (scaler.transform(_array(x)) for x in (train_x, val_x, test_x))
+    model = LogisticRegression(max_iter=max_iter, tol=1e-3, warm_start=True)
     tried: dict[str, float] = {}
-    best: tuple[float, float, Any] | None = None
-    for c in cs:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, tol=1e-3))
-        model.fit(train_x, train_y)
+    best: tuple[float, float, float] | None = None
+    for c in sorted(cs):
+        model.set_params(C=c).fit(train_x, train_y)
         score = float(model.score(val_x, val_y))
         tried[str(c)] = score
         logger.debug("linear probe C=%s: val accuracy %.4f", c, score)
         if best is None or score > best[0]:
-            best = (score, c, model)
-    assert best is not None, "cs must not be empty"
-    val_accuracy, c, model = best
-    return {
-        "accuracy": float(model.score(test_x, test_y)),
-        "C": float(c),
-        "val_accuracy": val_accuracy,
-        "val_accuracy_per_C": tried,
-    }
+            best = (score, c, float(model.score(test_x, test_y)))
+    val_accuracy, c, accuracy = best
+    return {"accuracy": accuracy, "C": float(c), "val_accuracy": val_accuracy, "val_accuracy_per_C": tried}
 
 
 def evaluate(
