@@ -102,6 +102,21 @@ def test_batched_inference_equals_per_sample_inference(world, model):
     assert (batched.steps < model.inference_steps).any()  # the relative convergence test stopped some early
 
 
+def test_inference_with_one_energy_switched_off(world, model):
+    """A zero weight leaves variables out of the energy: class energy alone gives its argmin, concept
+    energy alone each concept's lower-energy value."""
+    tx = world["test"][0][:16]
+    net = model.net_.eval()
+    with torch.no_grad():
+        h, g = net.encode(model._standardise(tx))
+        class_energy, concept_energy = net.class_energy_all(h), net.concept_energy_both(g)
+    only_class = model.infer(tx, weights=(1.0, 0.0, 0.0))
+    assert torch.equal(only_class.logits.argmax(1), class_energy.argmin(1))
+    only_concepts = model.infer(tx, weights=(0.0, 1.0, 0.0))
+    lower = concept_energy[..., 1] < concept_energy[..., 0]
+    assert ((only_concepts.concept_probs > 0.5) == lower).float().mean() > 0.99
+
+
 def test_a_batch_as_large_as_the_number_of_classes_is_still_a_batch(world, model):
     tx = world["test"][0][:len(model.class_names_)]  # [B, H] pre-activations must not pass for [M, H]
     batched = model.infer(tx).logits

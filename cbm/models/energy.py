@@ -592,7 +592,8 @@ class EnergyCBM(ConceptBottleneckModel):
                 a.requires_grad_(True)
                 s.requires_grad_(True)
                 energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
-                grads = torch.autograd.grad(energy.sum(), params)
+                # a zero weight can leave the class or the concept variables out of the energy
+                grads = torch.autograd.grad(energy.sum(), params, allow_unused=True, materialize_grads=True)
                 a, s = a.detach(), s.detach()
                 energy = energy.detach()
                 if previous is not None:
