@@ -176,11 +176,19 @@ def _bank_for(source: str, backbone, train):
     return ConceptBank.load(source)
 
 
+STREAM_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def _head_options(args: argparse.Namespace) -> dict:
+    """Where the head trains (``--device``) and whether its data stream from host memory (``--stream``)."""
+    return {"device": args.device, "stream": STREAM_CHOICES[args.stream]}
+
+
 def _fit_posthoc(args: argparse.Namespace, bank, train, validation):
     from cbm.models import PosthocCBM
 
     lam = args.lam if args.lam in ("rule", "path") else float(args.lam)
-    model = PosthocCBM(bank, lam=lam, c=args.c, hybrid=args.hybrid, seed=args.seed)
+    model = PosthocCBM(bank, lam=lam, c=args.c, hybrid=args.hybrid, seed=args.seed, **_head_options(args))
     model.fit(train, validation=validation, concept_labels=train.concept_labels if args.concepts != "labels" else None)
     return model, (f"{'PCBM-h' if args.hybrid else 'PCBM'} on {len(train)} samples: validation accuracy "
                    f"{model.metrics_['val_accuracy']:.3f}, {model.metrics_['nonzero_weights']} non-zero concept "
@@ -202,7 +210,8 @@ def _fit_labo(args: argparse.Namespace, bank, train, validation):
     subset = few_shot(train, shots, seed=args.seed)
     options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
     prior = toy_language_prior() if args.concepts == "toy" else None
-    model = LaBoCBM(bank, prior=prior, normalize=not args.raw_features, seed=args.seed, **options)
+    model = LaBoCBM(bank, prior=prior, normalize=not args.raw_features, seed=args.seed, **options,
+                    **_head_options(args))
     model.fit(subset, validation=validation)
     return model, (f"LaBo on {len(subset)} samples ({args.shots} shots per class): validation accuracy "
                    f"{model.metrics_['val_accuracy']:.3f} (language prior alone "
@@ -214,7 +223,8 @@ def _fit_sparse(args: argparse.Namespace, bank, train, validation):
 
     _require_text_bank(args, bank)
     options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
-    model = SparseCBM(bank, loss=args.loss, seed=args.seed, **options).fit(train, validation=validation)
+    model = SparseCBM(bank, loss=args.loss, seed=args.seed, **options, **_head_options(args))
+    model.fit(train, validation=validation)
     return model, (f"Sparse-CBM ({args.loss}) on {len(train)} samples: validation accuracy "
                    f"{model.metrics_['val_accuracy']:.3f}, top-5 share of concept activation mass "
                    f"{model.metrics_['val_top5_abs_share']:.3f} (uniform {model.metrics_['val_uniform_share']:.3f})")
@@ -227,7 +237,7 @@ def _fit_energy(args: argparse.Namespace, bank, train, validation):
         raise ValueError("this dataset has no concept labels; give --concepts BANK_FOLDER (or toy) for pseudo-labels.")
     options = {"max_epochs": args.epochs} if args.epochs else {}
     model = EnergyCBM(hidden=args.hidden, loss_weights=tuple(args.loss_weights), seed=args.seed,
-                      bank=None if args.concepts == "labels" else bank, **options)
+                      bank=None if args.concepts == "labels" else bank, **options, **_head_options(args))
     model.fit(train, validation=validation)
     return model, (f"ECBM on {len(train)} samples ({model.training_['concepts']['source']}): validation accuracy "
                    f"{model.metrics_['val_accuracy']:.3f}, concept accuracy {model.metrics_['val_concept_accuracy']:.3f}")
@@ -240,7 +250,8 @@ def _fit_temporal(args: argparse.Namespace, bank, train, validation):
     if "window_video" not in train.meta:
         raise ValueError(f"cbm fit temporal needs a video dataset (toy:videos@train, videos:PATH), not {args.data}.")
     options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
-    model = TemporalCBM(bank, attention=args.attention, seed=args.seed, **options).fit(train, validation=validation)
+    model = TemporalCBM(bank, attention=args.attention, seed=args.seed, **options, **_head_options(args))
+    model.fit(train, validation=validation)
     return model, (f"MoTIF temporal CBM on {model.training_['videos']} videos ({model.training_['windows']} windows): "
                    f"validation accuracy {model.metrics_['val_accuracy']:.3f} (epoch {model.training_['best_epoch']})")
 
@@ -412,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar=("CLASS", "CONCEPT", "GLOBAL"), help="energy: weights of the three losses")
     trained.add_argument("--attention", choices=["per_concept", "mixing"], default="per_concept",
                          help="temporal: attention over time per concept (MoTIF) or mixing concepts")
+    fit.add_argument("--device", default="auto",
+                     help="where to embed and train: auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    fit.add_argument("--stream", choices=sorted(STREAM_CHOICES), default="auto",
+                     help="on: keep the training data in host memory and copy it to the device batch by batch; "
+                          "off: move it all at once; auto (default): stream only when it would take more than "
+                          "half the free GPU memory")
     fit.add_argument("--force", action="store_true", help="replace --out if it exists")
     fit.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     fit.set_defaults(run=cmd_fit)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cbm.backbones import TOY_SPECS
 from cbm.models import EnergyCBM, LaBoCBM, PosthocCBM, SparseCBM, TemporalCBM, streaming
 from cbm.models.solvers import elastic_net_path, elastic_net_softmax, lambda_max
 from cbm.models.streaming import Rows, should_stream
@@ -158,3 +159,26 @@ def test_the_solvers_on_streamed_rows_equal_the_resident_ones(world):
         assert torch.allclose(a.weight, b.weight, atol=1e-5) and torch.equal(a.weight == 0, b.weight == 0)
     with pytest.raises(TypeError, match="y=None"):
         elastic_net_softmax(rows, y, C, 0.01)
+
+
+@pytest.mark.skipif(not TOY_SPECS["toy:clip"].is_dir(), reason="the shipped toy:clip is missing")
+def test_cbm_fit_streams_on_request_and_gives_the_resident_model(tmp_path, capsys):
+    """`cbm fit --stream on|off --device cpu`: the bundle records which ran, and both predict alike."""
+    from cbm import cli
+    from cbm.models import load
+
+    common = ["fit", "posthoc", "--backbone", "toy:clip", "--data", "toy:images@val", "--concepts", "toy",
+              "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    fitted = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.cbm"
+        assert cli.main([*common, "--stream", mode, "--out", str(out)]) == 0
+        fitted[mode] = load(out)
+    assert "saved" in capsys.readouterr().out
+    assert fitted["on"].training_["streamed"] is True and fitted["off"].training_["streamed"] is False
+    assert fitted["on"].get_params()["stream"] is True and fitted["on"].get_params()["device"] == "cpu"
+    # streamed in chunks of a few rows (small_chunks): sums round differently over ~700 FISTA steps
+    weight = fitted["off"].weight_
+    assert (fitted["on"].weight_ - weight).abs().max() < 0.01 * weight.abs().max()
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--stream", "sometimes", "--out", str(tmp_path / "x.cbm")])
