@@ -14,7 +14,6 @@ view that fits a model.
 from __future__ import annotations
 
 import functools
-
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
