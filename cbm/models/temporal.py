@@ -694,19 +694,20 @@ class TemporalCBM(ConceptBottleneckModel):
     def evidence_over_time(self, x: SequenceInput, target: Any = None) -> torch.Tensor:
         """The ``target`` class's pooled logit as the video unfolds [B, T]: entry ``t`` is what the model
         says having seen windows ``0..t`` only (NaN at padding); ``target``: class indices [B], default
-        the prediction on the whole video. ``T`` forward passes over the batch."""
+        the prediction on the whole video (its last prefix). ``T`` forward passes over the batch."""
         features, valid, _ = self._sequences(x)
-        target = torch.as_tensor(np.asarray(self.predict((features, valid)) if target is None else target))
-        target = target.long().reshape(-1)
         steps = torch.arange(valid.shape[1])
-        evidence = torch.full(valid.shape, float("nan"))
+        logits = torch.full((*valid.shape, len(self.class_names_)), float("nan"))
         for t in range(valid.shape[1]):
             seen = valid & (steps <= t)
             rows = seen[:, t]
             if rows.any():
-                logits = self.explain((features[rows, :t + 1], seen[rows, :t + 1]), return_attention=False).logits
-                evidence[rows, t] = logits.gather(1, target[rows, None])[:, 0]
-        return evidence
+                logits[rows, t] = self.explain((features[rows, :t + 1], seen[rows, :t + 1]),
+                                               return_attention=False).logits
+        if target is None:
+            target = logits[torch.arange(len(valid)), valid.sum(1) - 1].argmax(1)
+        target = torch.as_tensor(np.asarray(target)).long().reshape(-1, 1, 1)
+        return logits.gather(2, target.expand(-1, valid.shape[1], 1))[..., 0]
 
     def decisive_windows(self, x: SequenceInput) -> torch.Tensor:
         """Per video, the window where the evidence for the predicted class rises most [B]
