@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from test_explain_audit import _data_elements, assert_every_number_is_the_json
-from test_models_temporal import CONCEPTS, _directions, make_videos
+from test_models_temporal import CONCEPTS, _directions, make_videos, synthetic_bank
 
 import explain
 from cbm.embed import Embeddings
 from cbm.models.temporal import TemporalCBM, decisive_windows, localisation_hits
-from concepts.bank import ConceptBank
 from explain.plots import timeline_figure
 
 TOY_CLIP = Path(__file__).resolve().parents[1] / "cbm" / "assets" / "toy_clip"
@@ -36,7 +35,7 @@ def as_windows(sequences) -> Embeddings:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     torch.set_num_threads(1)
-    bank = ConceptBank(CONCEPTS, torch.tensor(_directions()[:6], dtype=torch.float32), kind="text")
+    bank = synthetic_bank()
     train, _ = make_videos(160, 0)
     val, _ = make_videos(40, 1)
     test, events = make_videos(80, 2)

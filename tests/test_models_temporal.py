@@ -61,10 +61,15 @@ def make_videos(n: int, seed: int) -> tuple[VideoSequences, list[list[tuple[int,
                           CLASSES, "synthetic", "synthetic-fp"), events
 
 
+def synthetic_bank() -> ConceptBank:
+    """A text bank whose directions are the synthetic world's six concepts."""
+    return ConceptBank(CONCEPTS, torch.tensor(_directions()[:6], dtype=torch.float32), kind="text")
+
+
 @pytest.fixture(scope="module")
 def world():
     torch.set_num_threads(1)
-    bank = ConceptBank(CONCEPTS, torch.tensor(_directions()[:6], dtype=torch.float32), kind="text")
+    bank = synthetic_bank()
     train, _ = make_videos(300, 0)
     val, _ = make_videos(100, 1)
     test, events = make_videos(200, 2)
