@@ -34,9 +34,7 @@ def probe(splits):
         "accuracy"]
 
 
-@pytest.mark.parametrize("backbone", [pytest.param("clip", marks=pytest.mark.xfail(strict=True, reason=(
-    "known gap on toy:clip: PCBM-h 0.794 vs linear probe 0.809 (PCBM 0.78 is within 5 points); the residual is "
-    "the reference's (Adam 0.01, 20 epochs), kept by validation loss"))), "cnn"])
+@pytest.mark.parametrize("backbone", ["clip", "cnn"])
 def test_pcbm_and_pcbm_h_against_the_linear_probe(backbone, clip, clip_data, cnn_data):
     splits = clip_data if backbone == "clip" else cnn_data
     bank = toy_text_bank(clip) if backbone == "clip" else label_cav_bank(splits["train"])
@@ -60,10 +58,14 @@ def test_ground_truth_interventions_raise_accuracy(clip, clip_data):
     assert intervened > model.score(test) + 0.02
 
 
-def test_pruning_the_spurious_background_fixes_the_shifted_split(clip, toy_splits):
-    """The paper's editing claim: prune what the weights lean on, no retraining, no target data."""
-    splits = toy_splits("toy:clip", "toy:spurious", SIZES)[1]
-    model = PosthocCBM(toy_text_bank(clip)).fit(splits["train"], validation=splits["val"])
+def test_pruning_the_spurious_background_fixes_the_shifted_split(toy_splits):
+    """The paper's editing claim: prune what the weights lean on, no retraining, no target data.
+
+    On toy:cnn CAVs (probe 0.91) the head leans on the background. A toy:clip text-concept head
+    hardly does (background ranks 10-12 of 30, shifted-test accuracy already 0.95), so there the
+    claim has nothing to fix."""
+    splits = toy_splits("toy:cnn", "toy:spurious", SIZES)[1]
+    model = PosthocCBM(label_cav_bank(splits["train"])).fit(splits["train"], validation=splits["val"])
     weight_per_concept = model.weight_.abs().sum(0)
     rank = {model.concept_names[k]: r for r, k in enumerate(weight_per_concept.argsort(descending=True).tolist())}
     suspects = [c for c in CONCEPT_GROUPS["background"] if rank[c] < len(rank) // 3]
