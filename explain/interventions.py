@@ -89,12 +89,21 @@ class InterventionCurves:
 
 
 def _truth_values(view: ModelView, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """True and wrong values [N, K] an expert could give, and which truth was used."""
-    low, high = concept_bounds(view)
+    """True and wrong values [N, K] an expert could give, and which truth was used.
+
+    With concept labels, the true values come from the model's learned label map
+    (``concept_label_map``, PCBM fitted with concept labels) or else the "low"/"high" bounds; a
+    wrong value is what the map gives when that one concept's label is flipped."""
     labels = view.data.concept_truth(view.concept_names)
     if labels is not None:
-        present = labels > 0.5
-        return torch.where(present, high, low), torch.where(present, low, high), "concept labels"
+        fitted = view.model.concept_label_map()
+        if fitted is None:
+            low, high = concept_bounds(view)
+            fitted = torch.diag(high - low), low
+        weight, bias = fitted
+        present = (labels > 0.5).float()
+        true = present @ weight.T + bias
+        return true, true + torch.diagonal(weight) * (1 - 2 * present), "concept labels"
     if view.data.labels is None:
         raise ValueError("intervention curves need class labels (and ideally concept labels) in the data.")
     y = view.data.labels

@@ -141,6 +141,27 @@ def test_bundle_round_trip_keeps_predictions_and_history(world, tmp_path):
     assert torch.equal(loaded.undo().weight_, model.weight_)
 
 
+def test_concept_label_map_gives_the_scores_that_labels_stand_for(world, tmp_path):
+    x, y, present = world["train"]
+    model = PosthocCBM(world["bank"]).fit(x, y, validation=world["val"][:2], concept_labels=present)
+    test_x, _, test_present = world["test"]
+    expected, actual = model.expected_concepts(test_present), model.concepts(test_x)
+    # each margin is 1.5 x its concept plus unit-variance noise: the map recovers the 1.5 steps
+    weight, _ = model.concept_label_map()
+    assert torch.allclose(torch.diagonal(weight), torch.full((12,), 1.5), atol=0.1)
+    assert (weight - torch.diag(torch.diagonal(weight))).abs().max() < 0.15
+    assert (actual - expected).std() < 0.6 < actual.std()
+    loaded = load(model.save(tmp_path / "m.cbm"))
+    assert torch.equal(loaded.expected_concepts(test_present), expected)
+    # without concept labels: the per-concept "high"/"low" references
+    plain = PosthocCBM(world["bank"]).fit(x, y, validation=world["val"][:2])
+    assert plain.concept_label_map() is None
+    assert torch.equal(plain.expected_concepts(test_present[:1]),
+                       torch.where(test_present[:1].bool(), plain.reference_high_, plain.reference_low_))
+    with pytest.raises(ValueError, match="concept labels"):
+        model.expected_concepts(test_present[:, :5])
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda m, h: m.update(format_version="2.0"), "newer than this toolkit"),
     (lambda m, h: m.update(family="evil"), "unknown model family"),

@@ -45,17 +45,19 @@ def test_pcbm_and_pcbm_h_against_the_linear_probe(backbone, clip, clip_data, cnn
     assert hybrid.score(splits["test"]) >= reference - 0.01
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: setting all 30 text-concept scores of toy:clip to their class-conditional means drops accuracy "
-    "0.785 -> 0.586 (5th/95th percentiles: 0.704; a toy:cnn label-CAV bank: 0.846 -> 0.832); the heads use "
-    "cross-concept signal in the continuous scores"))
-def test_ground_truth_interventions_raise_accuracy(clip, clip_data):
-    train, test = clip_data["train"], clip_data["test"]
-    model = PosthocCBM(toy_text_bank(clip)).fit(train, validation=clip_data["val"], concept_labels=train.concept_labels)
-    values = torch.where(test.concept_labels.bool(), model.reference_high_, model.reference_low_)
+@pytest.mark.parametrize("backbone", ["clip", "cnn"])
+def test_ground_truth_interventions_raise_accuracy(backbone, clip, clip_data, cnn_data):
+    """Every concept set to what its true label stands for (the label map fitted on training data) beats
+    no intervention; per-concept class-conditional means do not (toy:cnn 0.891 -> 0.815), which is why
+    the map exists. toy:clip text concepts start at 0.985, so its margin is small (0.985 -> 0.994)."""
+    splits = clip_data if backbone == "clip" else cnn_data
+    train, test = splits["train"], splits["test"]
+    bank = toy_text_bank(clip) if backbone == "clip" else label_cav_bank(train)
+    model = PosthocCBM(bank).fit(train, validation=splits["val"], concept_labels=train.concept_labels)
+    values = model.expected_concepts(test.concept_labels)
     mask = torch.ones_like(values, dtype=torch.bool)
     intervened = float((model.intervene(test, (mask, values)).argmax(1) == test.labels).float().mean())
-    assert intervened > model.score(test) + 0.02
+    assert intervened > model.score(test) + (0.005 if backbone == "clip" else 0.03), (model.score(test), intervened)
 
 
 def test_pruning_the_spurious_background_fixes_the_shifted_split(toy_splits):

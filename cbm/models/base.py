@@ -271,6 +271,23 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         """A named reference value of a concept (e.g. "high"/"low") for interventions, where the family has one."""
         raise ValueError(f"{type(self).__name__} has no reference value {which!r}; give a number instead.")
 
+    def concept_label_map(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight [K, K], bias [K]) of an affine map from binary concept labels to the activations
+        they should produce, where the family learned one from training labels; None otherwise."""
+        return None
+
+    def expected_concepts(self, concept_labels: Any) -> torch.Tensor:
+        """Activations [N, K] that ground-truth binary concept labels [N, K] stand for: the values
+        to intervene with. The family's learned map (``concept_label_map``) where it has one, else
+        each concept's "high" or "low" reference."""
+        labels = as_matrix(concept_labels, "concept labels", len(self.concept_names)).float()
+        fitted = self.concept_label_map()
+        if fitted is None:
+            high, low = ([self.concept_reference(name, which) for name in self.concept_names] for which in ("high", "low"))
+            return torch.where(labels > 0.5, torch.tensor(high), torch.tensor(low))
+        weight, bias = fitted
+        return labels @ weight.T + bias
+
     def intervention_values(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checked features, their concepts, and the concepts after the intervention."""

