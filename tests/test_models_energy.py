@@ -308,7 +308,9 @@ def toy_world(toy_splits):
     return get
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", [SPECS[0], pytest.param("toy:clip", marks=[*SPECS[1].marks, pytest.mark.xfail(
+    strict=True, reason="known gap on toy:clip: ECBM class accuracy 0.978 < joint CBM 0.982 on 500 images (2 images; "
+                        "seeds 0-2 give 0.978-0.982), concepts 0.987 >= 0.986; on toy:cnn ECBM leads on both")])])
 def test_toy_accuracy_at_least_the_joint_cbm(toy_world, spec):
     entry = toy_world(spec)
     test, inference, joint = entry["splits"]["test"], entry["inference"], entry["joint"]
@@ -319,9 +321,7 @@ def test_toy_accuracy_at_least_the_joint_cbm(toy_world, spec):
     theirs_c = float(((joint.concepts(test.features) > 0.5).float() == truth).float().mean())
     print(f"{spec}: ECBM class {ours:.3f} concept {ours_c:.3f} (fit {entry['fit_seconds']:.1f} s); "
           f"joint CBM class {theirs:.3f} concept {theirs_c:.3f}")
-    # toy:clip puts both at the ceiling (~0.98 on 500 images: seeds 0-2 give ECBM 0.978-0.982 against
-    # 0.982), so there the class criterion allows one point, five images; toy:cnn must lead outright.
-    assert ours >= theirs - (0.01 if spec == "toy:clip" else 0.0) and ours_c >= theirs_c
+    assert ours >= theirs and ours_c >= theirs_c
 
 
 def _dependent_cases(test, names):
