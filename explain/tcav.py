@@ -43,6 +43,10 @@ from concepts.cavs import learn_cavs
 logger = logging.getLogger(__name__)
 
 Pooling = Literal["flatten", "mean"]
+
+#: Mean held-out accuracy of a concept's CAVs under which TCAV warns that the concept is not separated
+#: from the random examples at the layer (chance is 0.5).
+WEAK_CAV_ACCURACY = 0.6
 Head = ConceptBottleneckModel | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -172,6 +176,12 @@ def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Ten
             results.append(TCAVResult(name, target, layer, scores.tolist(), baseline.tolist(),
                                       float(accuracy[columns(size, name)].mean()),
                                       _p_value(float(scores.mean()), baseline)))
+    for name, examples in concepts.items():
+        separable = float(accuracy[columns(len(examples), name)].mean())
+        if separable < WEAK_CAV_ACCURACY:
+            logger.warning("the CAVs of %r at %s tell its examples from the random ones with only %.0f%% held-out "
+                           "accuracy (chance: 50%%), so its scores rest on weak directions; more examples, or random "
+                           "examples that do not show the concept, give sharper CAVs", name, layer, 100 * separable)
     for result, adjusted in zip(results, holm([r.p_value for r in results])):
         result.p_adjusted = float(adjusted)
         result.significant = bool(adjusted < alpha)

@@ -58,6 +58,17 @@ def test_random_directions_are_flagged_in_at_most_five_percent_of_draws(head):
     assert np.mean(raw) <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / len(raw))  # each unadjusted test is calibrated too
 
 
+def test_a_concept_its_cavs_cannot_separate_from_random_examples_is_warned_about(head, caplog):
+    generator = torch.Generator().manual_seed(2)
+    concepts = {"planted": torch.randn(30, DIM, generator=generator) + 1.5 * head["planted"],
+                "like random": torch.randn(30, DIM, generator=generator)}
+    with caplog.at_level("WARNING", logger="explain.tcav"):
+        report = tcav(head["gradients"], concepts, torch.randn(700, DIM, generator=generator))
+    warned = [record.getMessage() for record in caplog.records if "held-out accuracy" in record.getMessage()]
+    assert len(warned) == 1 and "'like random'" in warned[0], warned
+    assert report.result("like random", "class 0").cav_accuracy < 0.6 < report.result("planted", "class 0").cav_accuracy
+
+
 def test_too_small_a_random_pool_is_refused(head):
     with pytest.raises(ValueError, match="random examples"):
         tcav(head["gradients"], {"x": torch.randn(30, DIM)}, torch.randn(100, DIM))
