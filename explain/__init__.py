@@ -30,7 +30,16 @@ from explain.metrics import (
     stability,
     suspect_concepts,
 )
-from explain.tcav import TCAVReport, TCAVResult, embedding_gradients, holm, layer_activations, tcav, tcav_layer
+from explain.tcav import (
+    TCAVReport,
+    TCAVResult,
+    embedding_gradients,
+    holm,
+    layer_activations,
+    tcav,
+    tcav_datasets,
+    tcav_layer,
+)
 
 __all__ = [
     "GATE_METRICS", "POLICIES", "BatchReport", "Counterfactual", "EvalData", "Importance", "InterventionCurves",
@@ -38,5 +47,5 @@ __all__ = [
     "audit_many", "check_gates", "classification", "completeness", "concept_effects", "concept_quality",
     "counterfactual", "effective_concepts", "embedding_gradients", "explain_samples", "global_importance", "holm",
     "intervention_curves", "layer_activations", "leakage", "make_view", "parse_gates", "register_family_extra",
-    "stability", "suspect_concepts", "tcav", "tcav_layer",
+    "stability", "suspect_concepts", "tcav", "tcav_datasets", "tcav_layer",
 ]

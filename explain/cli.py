@@ -1,6 +1,7 @@
-"""``cbm audit``: batch audit reports from the command line, with CI gating by exit code.
+"""``cbm audit``: batch audit reports from the command line, with CI gating by exit code; ``cbm tcav``:
+TCAV with statistics at a backbone layer.
 
-``add_commands(subparsers)`` adds the subcommand to the ``cbm`` parser. Each model's datasets are
+``add_commands(subparsers)`` adds the subcommands to the ``cbm`` parser. Each model's datasets are
 embedded with the model's own backbone through the embedding cache (after checking that the
 backbone loaded here is the one the model was fitted on). Exit codes: 0 all audits passed their
 gates, 1 a gate failed (the failures are printed), 2 an error (reported by ``cbm``'s main).
@@ -26,6 +27,18 @@ gate metrics (--fail-under METRIC=VALUE, repeatable): accuracy, balanced_accurac
 completeness, concept_auc, concept_accuracy, shift_accuracy, oracle_gain, probe_accuracy, localisation (videos)"""
 
 
+TCAV_EPILOG = """examples:
+  cbm tcav cnn-cavs.cbm --data toy:images@val --layer stage3 --target tomato --concept red --out tcav/
+  cbm tcav pcbm.cbm --data cub:/data/CUB_200_2011@val --layer visual.layer4 --target "Cardinal" \\
+      --concept "has_primary_color::red" --random folder:/data/random_images
+  cbm tcav pcbm.cbm --data folder:/data/birds --concept-data folder:/data/concepts --layer visual.layer3 \\
+      --target robin --concept striped dotted
+
+A pair is "significant" when its TCAV score differs from the random concepts' scores (a t-test of the
+score as one more random concept, Holm-corrected over all pairs). "not significant" pairs should not be
+read as explanations."""
+
+
 class _Embedder:
     """Loads each backbone and dataset once and embeds datasets for models through the cache."""
 
@@ -41,9 +54,9 @@ class _Embedder:
             self.datasets[spec] = load_dataset(spec)
         return self.datasets[spec]
 
-    def __call__(self, spec: str, model: Any) -> Any:
+    def backbone(self, model: Any) -> Any:
+        """The model's backbone, loaded once and checked against the one the model was fitted on."""
         from cbm.backbones import load_backbone
-        from cbm.embed import embed
 
         if model.backbone_spec_ not in self.backbones:
             self.backbones[model.backbone_spec_] = load_backbone(model.backbone_spec_, device=self.device)
@@ -51,7 +64,12 @@ class _Embedder:
         if model.backbone_fingerprint_ and backbone.fingerprint != model.backbone_fingerprint_:
             raise ValueError(f"the backbone {model.backbone_spec_} loaded here differs from the one the model was "
                              "fitted on (weights or preprocessing changed); refit the model or restore those weights.")
-        return embed(backbone, self.dataset(spec), cache_dir=self.cache_dir)
+        return backbone
+
+    def __call__(self, spec: str, model: Any) -> Any:
+        from cbm.embed import embed
+
+        return embed(self.backbone(model), self.dataset(spec), cache_dir=self.cache_dir)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -87,8 +105,44 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tcav(args: argparse.Namespace) -> int:
+    """TCAV: which concepts a class's logit is sensitive to at a backbone layer, with t-tests and Holm."""
+    import json
+
+    import numpy as np
+
+    from cbm.models import load
+    from explain.tcav import tcav_datasets
+
+    model = load(args.model)
+    if model.family == "temporal":
+        raise ValueError("TCAV takes image models; a temporal model's logits come from whole videos.")
+    embedder = _Embedder(args.cache_dir, args.device)
+    report = tcav_datasets(
+        embedder.backbone(model), None if args.layer == "embedding" else args.layer, model, model.class_names,
+        embedder.dataset(args.data), args.target, args.concept,
+        concept_data=embedder.dataset(args.concept_data) if args.concept_data else None,
+        random_data=embedder.dataset(args.random) if args.random else None, examples=args.examples,
+        random_concepts=args.random_concepts, runs=args.runs, pooling=args.pooling, solver=args.solver,
+        alpha=args.alpha, seed=args.seed, progress=not args.quiet)
+    print(f"TCAV at {report.settings['layer']} ({args.runs} CAVs per concept, {args.random_concepts} random concepts, "
+          f"alpha {args.alpha}, Holm over {len(report.results)} pairs)")
+    print(f"{'concept':<24} {'class':<20} {'score':>6} {'random':>13} {'CAV acc':>8} {'p (Holm)':>9}  verdict")
+    for r in report.results:
+        spread = f"{r.random_mean:.2f} ± {float(np.std(r.random_scores)):.2f}"
+        print(f"{r.concept[:24]:<24} {r.target[:20]:<20} {r.mean:>6.2f} {spread:>13} {r.cav_accuracy:>8.2f} "
+              f"{r.p_adjusted:>9.3g}  {'significant' if r.significant else 'not significant'}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tcav.json").write_text(json.dumps(report.to_dict(), indent=2))
+        report.plot().savefig(out / "tcav.png", dpi=150, bbox_inches="tight")
+        print(f"\nwrote {(out / 'tcav.json').resolve()} and {(out / 'tcav.png').resolve()}")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``audit`` to the ``cbm`` command line."""
+    """Add ``audit`` and ``tcav`` to the ``cbm`` command line."""
     audit = subparsers.add_parser("audit", help="audit reports (HTML + JSON) of models on datasets; CI gates",
                                   description=cmd_audit.__doc__, epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,3 +165,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     audit.add_argument("--quiet", action="store_true", help="no progress bars")
     audit.set_defaults(run=cmd_audit)
+
+    tcav = subparsers.add_parser("tcav", help="TCAV with statistics: is a class sensitive to a concept at a layer?",
+                                 description=cmd_tcav.__doc__, epilog=TCAV_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    tcav.add_argument("model", help="model bundle (an image model; its backbone gives the layers)")
+    tcav.add_argument("--data", required=True, metavar="DATASET",
+                      help="labelled image dataset: the classes' examples, concept examples from its concept labels, "
+                           "and random examples from the rest")
+    tcav.add_argument("--layer", required=True, help="backbone module, e.g. stage3 or visual.layer3; 'embedding' for "
+                                                     "the backbone's output (an unknown name lists some layers)")
+    tcav.add_argument("--target", nargs="+", required=True, metavar="CLASS", help="classes to test")
+    tcav.add_argument("--concept", nargs="+", required=True, metavar="CONCEPT", help="concepts to test")
+    tcav.add_argument("--concept-data", metavar="DATASET",
+                      help="concept examples, one class folder per concept (e.g. folder:/data/concepts)")
+    tcav.add_argument("--random", metavar="DATASET", help="random examples (default: the rest of --data)")
+    tcav.add_argument("--examples", type=int, default=20, help="examples per class and per concept (default 20)")
+    tcav.add_argument("--random-concepts", type=int, default=20, help="random concepts of the baseline (default 20)")
+    tcav.add_argument("--runs", type=int, default=10, help="CAVs per concept, each against fresh negatives (default 10)")
+    tcav.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
+                      help="conv activations: mean over positions (default) or flattened as in the TCAV paper")
+    tcav.add_argument("--solver", choices=["fastcav", "torch", "sklearn"], default="fastcav", help="CAV learner")
+    tcav.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm (default 0.05)")
+    tcav.add_argument("--seed", type=int, default=0, help="seed of the example draws and CAVs (default 0)")
+    tcav.add_argument("--out", help="folder for tcav.json and tcav.png")
+    tcav.add_argument("--device", default="auto", help="device of the backbone (auto, cpu, cuda)")
+    tcav.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
+    tcav.add_argument("--quiet", action="store_true", help="no progress bars")
+    tcav.set_defaults(run=cmd_tcav)

@@ -280,3 +280,75 @@ def tcav_layer(backbone: Backbone, layer: str | None, head: Head, class_names: S
                  for name, images in class_images.items()}
     concepts = {name: activations(images) for name, images in concept_images.items()}
     return tcav(gradients, concepts, activations(random_images), layer=layer or "embedding", **options)
+
+
+def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names: Sequence[str], data: Any,
+                  targets: Sequence[str], concepts: Sequence[str], *, concept_data: Any = None,
+                  random_data: Any = None, examples: int = 20, random_concepts: int = 20, seed: int = 0,
+                  pooling: Pooling = "mean", batch_size: int = 64, progress: bool = False,
+                  **options: Any) -> TCAVReport:
+    """TCAV with the examples drawn from image datasets (``cbm.data`` datasets), seeded.
+
+    Each target class gets ``examples`` of its images from ``data``. A concept's examples are images
+    of ``concept_data`` whose class is named like the concept (a folder per concept) or, failing
+    that, images of ``data`` whose concept label is on. Random examples come from ``random_data`` or,
+    without it, from the images of ``data`` not used so far: 2 x ``examples`` negatives plus
+    ``random_concepts`` sets of ``examples``. Images of the target classes are never concept or
+    random examples from ``data``: a CAV towards the class's own images would trivially raise its
+    logit, and random sets holding more or fewer of them would scatter the baseline.
+    ``options`` go to :func:`tcav`.
+    """
+    if examples < 2:
+        raise ValueError(f"examples must be at least 2, got {examples}.")
+    order = np.random.default_rng(seed).permutation(len(data))
+    labels = np.asarray(data.labels)[order]
+    names = list(getattr(data, "class_names", []) or [])
+    used: set[int] = set()
+
+    def pick(rows: Sequence[int], dataset: Any) -> torch.Tensor:
+        images = [dataset.load(int(i)) for i in rows]
+        if images and isinstance(images[0], list):
+            raise ValueError("TCAV takes image datasets; this one yields videos (lists of frames).")
+        return torch.stack([backbone.preprocess(image) for image in images])
+
+    class_images = {}
+    targets_rows = np.isin(labels, [names.index(t) for t in targets if t in names])
+    used.update(order[targets_rows].tolist())  # no target-class image is a concept or random example
+    for target in targets:
+        if target not in class_names:
+            raise KeyError(f"unknown class {target!r} for the model; it knows {', '.join(class_names)}.")
+        if target not in names:
+            raise KeyError(f"class {target!r} is not a class of the dataset; it has {', '.join(names)}.")
+        rows = order[labels == names.index(target)][:examples].tolist()
+        if len(rows) < 2:
+            raise ValueError(f"the dataset has {len(rows)} image(s) of class {target!r}; TCAV needs at least 2.")
+        used.update(rows)
+        class_images[target] = pick(rows, data)
+    concept_images = {}
+    data_concepts = list(getattr(data, "concept_names", None) or [])
+    for concept in concepts:
+        if concept_data is not None and concept in concept_data.class_names:
+            rows = np.flatnonzero(np.asarray(concept_data.labels) == concept_data.class_names.index(concept))
+            concept_images[concept] = pick(np.random.default_rng(seed).permutation(rows)[:examples], concept_data)
+            continue
+        if concept not in data_concepts:
+            where = f" or a class of the concept data ({', '.join(concept_data.class_names)})" if concept_data else ""
+            raise KeyError(f"no examples of concept {concept!r}: it is neither a concept label of the dataset{where}; "
+                           "give a folder of its images with --concept-data / concept_data=.")
+        shows = np.asarray(data.concept_labels)[order, data_concepts.index(concept)] > 0.5
+        rows = [i for i in order[shows].tolist() if i not in used][:examples]
+        if len(rows) < 2:
+            raise ValueError(f"the dataset has {len(rows)} image(s) showing {concept!r} outside the class examples; "
+                             "TCAV needs at least 2.")
+        used.update(rows)
+        concept_images[concept] = pick(rows, data)
+    largest = max(len(images) for images in concept_images.values())
+    wanted = 2 * largest + random_concepts * largest
+    if random_data is not None:
+        random_rows, random_source = np.random.default_rng(seed).permutation(len(random_data))[:wanted], random_data
+    else:
+        random_rows, random_source = [i for i in order.tolist() if i not in used][:wanted], data
+    random_images = pick(random_rows, random_source)
+    return tcav_layer(backbone, layer, head, class_names, class_images, concept_images, random_images,
+                      pooling=pooling, batch_size=batch_size, progress=progress, random_concepts=random_concepts,
+                      seed=seed, **options)

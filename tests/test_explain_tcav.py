@@ -1,5 +1,7 @@
 """TCAV with statistics: Holm correction, a planted concept, calibration on random concepts, CNN layers."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,54 @@ def test_tcav_at_a_cnn_layer_finds_the_concept_a_class_depends_on():
     assert at_embedding.results[0].layer == "embedding" and len(at_embedding.results[0].random_scores) == 5
     with pytest.raises(ValueError, match="not a module"):
         layer_activations(backbone, "nope", red[:2])
+
+
+class _Shapes:
+    """A labelled image dataset (classes "a", "b", "c"; concept "dot" on every third image) that records loads."""
+
+    def __init__(self, n: int = 90, class_names=("a", "b", "c")) -> None:
+        self.labels = np.arange(n) % len(class_names)
+        self.class_names = list(class_names)
+        self.concept_names = ["dot"]
+        self.concept_labels = (np.arange(n)[:, None] % 3 == 1).astype(np.float32)
+        self.loaded: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int):
+        from PIL import Image
+
+        self.loaded.append(index)
+        return Image.new("RGB", (8, 8), (index % 256, 0, 0))
+
+
+def test_tcav_datasets_draws_class_concept_and_random_examples_apart(monkeypatch):
+    module = importlib.import_module("explain.tcav")  # the module (``explain.tcav`` is also the function)
+    seen = {}
+    monkeypatch.setattr(module, "tcav_layer", lambda backbone, layer, head, names, classes, concepts, random, **kw:
+                        seen.update(classes=classes, concepts=concepts, random=random, options=kw))
+    backbone = type("B", (), {"preprocess": staticmethod(lambda image: torch.tensor([float(image.getpixel((0, 0))[0])]))})
+    data = _Shapes()
+    module.tcav_datasets(backbone, "layer", None, ["a", "b", "c"], data, ["a"], ["dot"], examples=5,
+                         random_concepts=3, seed=1)
+    rows = lambda t: {int(v) for v in t.flatten().tolist()}  # the image's red value is its row
+    classes, concept, random = rows(seen["classes"]["a"]), rows(seen["concepts"]["dot"]), rows(seen["random"])
+    assert len(classes) == 5 and all(data.labels[i] == 0 for i in classes)
+    assert len(concept) == 5 and all(data.concept_labels[i, 0] == 1 for i in concept) and not concept & classes
+    assert len(random) == 2 * 5 + 3 * 5 and not random & (classes | concept)
+    assert all(data.labels[i] != 0 for i in concept | random)  # no image of the target class
+    assert seen["options"]["random_concepts"] == 3 and seen["options"]["seed"] == 1
+    # concept examples from a folder per concept, random examples from their own dataset
+    folders, pool = _Shapes(12, ("dot", "stripe")), _Shapes(60)
+    module.tcav_datasets(backbone, "layer", None, ["a", "b", "c"], data, ["b"], ["stripe", "dot"], examples=4,
+                         concept_data=folders, random_data=pool, random_concepts=3)
+    by_folder = [folders.class_names[folders.labels[i]] for i in folders.loaded]  # a folder wins over concept labels
+    assert sorted(by_folder) == ["dot"] * 4 + ["stripe"] * 4 and len(set(folders.loaded)) == 8
+    assert len(pool.loaded) == 2 * 4 + 3 * 4
+    with pytest.raises(KeyError, match="unknown class 'z'"):
+        module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["z"], ["dot"])
+    with pytest.raises(KeyError, match="not a class of the dataset"):
+        module.tcav_datasets(backbone, None, None, ["a", "z"], data, ["z"], ["dot"])
+    with pytest.raises(KeyError, match="no examples of concept 'stripe'.*--concept-data"):
+        module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["a"], ["stripe"])

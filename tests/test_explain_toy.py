@@ -81,3 +81,35 @@ def test_tcav_finds_a_planted_concept_at_a_backbone_layer(spec, layer, fitted):
                                 pooling="mean", runs=8)
     result = report.result("red", "tomato")
     assert result.significant and result.mean > result.random_mean, result.to_dict()
+
+
+def test_cbm_tcav_command_on_a_saved_model(fitted, tmp_path, capsys):
+    """The command gives the API's report (same seeded draws), prints every verdict and writes JSON + figure."""
+    import argparse
+    import json
+
+    from cbm.data.registry import load_dataset
+    from explain.cli import add_commands
+
+    entry = fitted("toy:cnn")
+    entry["model"].save(tmp_path / "cnn.cbm")
+    parser = argparse.ArgumentParser(prog="cbm")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tcav", str(tmp_path / "cnn.cbm"), "--data", "toy:images@val", "--layer", "stage3",
+                              "--target", "tomato", "--concept", "red", "--runs", "8", "--out", str(tmp_path / "tcav"),
+                              "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert args.run(args) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "tcav" / "tcav.json").read_text())["results"][0]
+    api = explain.tcav_datasets(entry["backbone"], "stage3", entry["model"], entry["model"].class_names,
+                                load_dataset("toy:images@val"), ["tomato"], ["red"], runs=8).results[0]
+    assert (saved["concept"], saved["target"], saved["layer"]) == ("red", "tomato", "stage3")
+    assert saved["scores"] == api.scores and saved["p_adjusted"] == api.p_adjusted
+    assert saved["mean"] > 0.9 > saved["random_mean"], saved
+    verdict = "significant" if saved["significant"] else "not significant"
+    assert f"{saved['p_adjusted']:.3g}  {verdict}" in printed
+    assert (tmp_path / "tcav" / "tcav.png").stat().st_size > 10_000
+    unknown = parser.parse_args(["tcav", str(tmp_path / "cnn.cbm"), "--data", "toy:images@val", "--layer", "stage3",
+                                 "--target", "tomato", "--concept", "sparkly", "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(KeyError, match="no examples of concept 'sparkly'"):
+        unknown.run(unknown)
