@@ -43,11 +43,11 @@ from concepts.cavs import learn_cavs
 logger = logging.getLogger(__name__)
 
 Pooling = Literal["flatten", "mean"]
+Head = ConceptBottleneckModel | Callable[[torch.Tensor], torch.Tensor]
 
 #: Mean held-out accuracy of a concept's CAVs under which TCAV warns that the concept is not separated
 #: from the random examples at the layer (chance is 0.5).
 WEAK_CAV_ACCURACY = 0.6
-Head = ConceptBottleneckModel | Callable[[torch.Tensor], torch.Tensor]
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -300,6 +300,8 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
     """
     if examples < 2:
         raise ValueError(f"examples must be at least 2, got {examples}.")
+    if not targets or not concepts:
+        raise ValueError("name at least one target class and one concept.")
     order = np.random.default_rng(seed).permutation(len(data))
     labels = np.asarray(data.labels)[order]
     names = list(getattr(data, "class_names", []) or [])
@@ -322,7 +324,6 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
         rows = order[labels == names.index(target)][:examples].tolist()
         if len(rows) < 2:
             raise ValueError(f"the dataset has {len(rows)} image(s) of class {target!r}; TCAV needs at least 2.")
-        used.update(rows)
         class_images[target] = pick(rows, data)
     concept_images = {}
     data_concepts = list(getattr(data, "concept_names", None) or [])
@@ -332,13 +333,13 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
             concept_images[concept] = pick(np.random.default_rng(seed).permutation(rows)[:examples], concept_data)
             continue
         if concept not in data_concepts:
-            where = f" or a class of the concept data ({', '.join(concept_data.class_names)})" if concept_data else ""
-            raise KeyError(f"no examples of concept {concept!r}: it is neither a concept label of the dataset{where}; "
+            where = f" nor a class of the concept data ({', '.join(concept_data.class_names)})" if concept_data else ""
+            raise KeyError(f"no examples of concept {concept!r}: it is not a concept label of the dataset{where}; "
                            "give a folder of its images with --concept-data / concept_data=.")
         shows = np.asarray(data.concept_labels)[order, data_concepts.index(concept)] > 0.5
         rows = [i for i in order[shows].tolist() if i not in used][:examples]
         if len(rows) < 2:
-            raise ValueError(f"the dataset has {len(rows)} image(s) showing {concept!r} outside the class examples; "
+            raise ValueError(f"the dataset has {len(rows)} image(s) showing {concept!r} outside the target classes; "
                              "TCAV needs at least 2.")
         used.update(rows)
         concept_images[concept] = pick(rows, data)
@@ -348,6 +349,8 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
         random_rows, random_source = np.random.default_rng(seed).permutation(len(random_data))[:wanted], random_data
     else:
         random_rows, random_source = [i for i in order.tolist() if i not in used][:wanted], data
+    if not len(random_rows):
+        raise ValueError("no images are left for random examples; give a random dataset (random_data= / --random).")
     random_images = pick(random_rows, random_source)
     return tcav_layer(backbone, layer, head, class_names, class_images, concept_images, random_images,
                       pooling=pooling, batch_size=batch_size, progress=progress, random_concepts=random_concepts,

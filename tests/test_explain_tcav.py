@@ -171,3 +171,9 @@ def test_tcav_datasets_draws_class_concept_and_random_examples_apart(monkeypatch
         module.tcav_datasets(backbone, None, None, ["a", "z"], data, ["z"], ["dot"])
     with pytest.raises(KeyError, match="no examples of concept 'stripe'.*--concept-data"):
         module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["a"], ["stripe"])
+    with pytest.raises(ValueError, match="at least one target class and one concept"):
+        module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, [], ["dot"])
+    with pytest.raises(ValueError, match="showing 'dot' outside the target classes"):
+        module.tcav_datasets(backbone, None, None, ["a"], _Shapes(9, ("a",)), ["a"], ["dot"])
+    with pytest.raises(ValueError, match="no images are left for random examples"):
+        module.tcav_datasets(backbone, None, None, ["a"], _Shapes(9, ("a",)), ["a"], ["stripe"], concept_data=folders)
