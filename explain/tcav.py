@@ -330,19 +330,19 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
     for concept in concepts:
         if concept_data is not None and concept in concept_data.class_names:
             rows = np.flatnonzero(np.asarray(concept_data.labels) == concept_data.class_names.index(concept))
-            concept_images[concept] = pick(np.random.default_rng(seed).permutation(rows)[:examples], concept_data)
-            continue
-        if concept not in data_concepts:
+            rows, source = np.random.default_rng(seed).permutation(rows)[:examples].tolist(), concept_data
+        elif concept in data_concepts:
+            shows = np.asarray(data.concept_labels)[order, data_concepts.index(concept)] > 0.5
+            rows, source = [i for i in order[shows].tolist() if i not in used][:examples], data
+            used.update(rows)
+        else:
             where = f" nor a class of the concept data ({', '.join(concept_data.class_names)})" if concept_data else ""
             raise KeyError(f"no examples of concept {concept!r}: it is not a concept label of the dataset{where}; "
                            "give a folder of its images with --concept-data / concept_data=.")
-        shows = np.asarray(data.concept_labels)[order, data_concepts.index(concept)] > 0.5
-        rows = [i for i in order[shows].tolist() if i not in used][:examples]
         if len(rows) < 2:
-            raise ValueError(f"the dataset has {len(rows)} image(s) showing {concept!r} outside the target classes; "
-                             "TCAV needs at least 2.")
-        used.update(rows)
-        concept_images[concept] = pick(rows, data)
+            raise ValueError(f"only {len(rows)} image(s) show {concept!r} outside the target classes; TCAV needs at "
+                             "least 2.")
+        concept_images[concept] = pick(rows, source)
     largest = max(len(images) for images in concept_images.values())
     wanted = 2 * largest + random_concepts * largest
     if random_data is not None:

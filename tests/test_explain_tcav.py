@@ -173,7 +173,10 @@ def test_tcav_datasets_draws_class_concept_and_random_examples_apart(monkeypatch
         module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["a"], ["stripe"])
     with pytest.raises(ValueError, match="at least one target class and one concept"):
         module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, [], ["dot"])
-    with pytest.raises(ValueError, match="showing 'dot' outside the target classes"):
+    with pytest.raises(ValueError, match="show 'dot' outside the target classes"):
         module.tcav_datasets(backbone, None, None, ["a"], _Shapes(9, ("a",)), ["a"], ["dot"])
+    with pytest.raises(ValueError, match=r"only 1 image\(s\) show 'dot'"):
+        module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["a"], ["dot"],
+                             concept_data=_Shapes(3, ("dot", "stripe", "x")))
     with pytest.raises(ValueError, match="no images are left for random examples"):
         module.tcav_datasets(backbone, None, None, ["a"], _Shapes(9, ("a",)), ["a"], ["stripe"], concept_data=folders)
