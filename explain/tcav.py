@@ -166,6 +166,12 @@ def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Ten
     def columns(size: int, name: str) -> list[int]:
         return [column[f"{size}\0{name}\0{run}"] for run in range(runs)]
 
+    separable = {name: float(accuracy[columns(len(examples), name)].mean()) for name, examples in concepts.items()}
+    for name, held_out in separable.items():
+        if held_out < WEAK_CAV_ACCURACY:
+            logger.warning("the CAVs of %r at %s tell its examples from the random ones with only %.0f%% held-out "
+                           "accuracy (chance: 50%%), so its scores rest on weak directions; more examples, or random "
+                           "examples that do not show the concept, give sharper CAVs", name, layer, 100 * held_out)
     results = []
     for target, grads in gradients.items():
         signs = (torch.as_tensor(grads).float() @ vectors.T > 0).float().mean(0)  # TCAV score of every CAV
@@ -173,15 +179,8 @@ def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Ten
             size = len(examples)
             scores = signs[columns(size, name)].numpy()
             baseline = np.array([float(signs[columns(size, f"\0random {j}")].mean()) for j in range(n_random[size])])
-            results.append(TCAVResult(name, target, layer, scores.tolist(), baseline.tolist(),
-                                      float(accuracy[columns(size, name)].mean()),
+            results.append(TCAVResult(name, target, layer, scores.tolist(), baseline.tolist(), separable[name],
                                       _p_value(float(scores.mean()), baseline)))
-    for name, examples in concepts.items():
-        separable = float(accuracy[columns(len(examples), name)].mean())
-        if separable < WEAK_CAV_ACCURACY:
-            logger.warning("the CAVs of %r at %s tell its examples from the random ones with only %.0f%% held-out "
-                           "accuracy (chance: 50%%), so its scores rest on weak directions; more examples, or random "
-                           "examples that do not show the concept, give sharper CAVs", name, layer, 100 * separable)
     for result, adjusted in zip(results, holm([r.p_value for r in results])):
         result.p_adjusted = float(adjusted)
         result.significant = bool(adjusted < alpha)

@@ -305,7 +305,7 @@ def toy_world(toy_splits):
             joints = [JointCBMBaseline(seed=seed).fit(train.features, train.labels, train.concept_labels,
                                                       (val.features, val.labels, val.concept_labels))
                       for seed in JOINT_SEEDS]
-            fitted[spec] = {"splits": splits, "ecbm": ecbm, "joint": joints[0], "joints": joints,
+            fitted[spec] = {"splits": splits, "ecbm": ecbm, "joints": joints,
                             "fit_seconds": seconds, "inference": ecbm.infer(splits["test"]),
                             "intervention_test": splits["test"].subset(slice(0, INTERVENTION_TEST))}
         return fitted[spec]
@@ -346,7 +346,7 @@ def _dependent_cases(test, names):
 @pytest.mark.parametrize("spec", SPECS)
 def test_toy_correcting_a_concept_moves_its_dependent_partner_toward_the_truth(toy_world, spec):
     entry = toy_world(spec)
-    test, model, joint = entry["intervention_test"], entry["ecbm"], entry["joint"]
+    test, model, joint = entry["intervention_test"], entry["ecbm"], entry["joints"][0]
     cases = _dependent_cases(test, model.concept_names)
     rows = torch.tensor([r for r, _, _ in cases])
     a = torch.tensor([i for _, i, _ in cases])
