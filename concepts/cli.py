@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from concepts import filters
-from concepts.bank import BANK_JSON, ConceptBank
+from concepts.bank import BANK_JSON, DEFAULT_TEMPLATES, ConceptBank
 from concepts.generate import (
     CONCEPTNET_RELATIONS,
     PROMPT_SETS,
+    REFERENCE_WEIGHT_ABOVE,
     STARTERS,
     Candidates,
     ChatClient,
@@ -52,6 +53,25 @@ candidate files are JSON ({"format", "classes": {class: [concepts]}, "provenance
 (bank.json + vectors.safetensors)."""
 
 
+def _weight_above(items: list[str] | None) -> float | dict[str, float] | None:
+    """``--weight-above``: absent (Post-hoc CBM's filter), ``none``, one number, or ``REL=W`` items."""
+    if items is None:
+        return REFERENCE_WEIGHT_ABOVE
+    if len(items) == 1 and "=" not in items[0]:
+        return None if items[0].lower() == "none" else _number(items[0])
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--weight-above takes one number, 'none', or REL=W items, got {' '.join(items)}.")
+    return {relation: _number(value) for relation, value in pairs}
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--weight-above expects a number, got {text!r}.") from None
+
+
 def _classes(value: str) -> list[str]:
     """``a,b,c`` or ``@file`` (one class per line)."""
     if value.startswith("@"):
@@ -76,7 +96,8 @@ def _generate(args: argparse.Namespace) -> int:
                             retries=args.retries, requests_per_minute=args.rpm)
         result = from_llm(_classes(args.classes), client, prompts=args.prompts, on_error=args.on_error)
     elif source == "conceptnet":
-        result = from_conceptnet(_classes(args.classes), relations=args.relations, min_weight=args.min_weight,
+        result = from_conceptnet(_classes(args.classes), relations=args.relations,
+                                 weight_above=_weight_above(args.weight_above),
                                  base_url=args.base_url, cache_dir=args.cache_dir, on_error=args.on_error)
     elif source == "cub":
         result = from_cub(args.root, threshold=args.threshold)
@@ -128,7 +149,7 @@ def _select(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddin
     encoder = load_encoder(args.encoder)
     features, labels, class_names = load_embeddings(args.encoder, args.data)
     bank = select_concepts(candidates, encoder, features, labels, class_names, k=args.k, method=args.method,
-                           beta=args.beta, seed=args.seed,
+                           beta=args.beta, seed=args.seed, templates=args.templates,
                            backbone=getattr(encoder, "fingerprint", None))
     bank.save(args.out)
     print(f"wrote {args.out}: {len(bank)} concepts for {len(bank.provenance['class_concepts'])} classes")
@@ -195,7 +216,9 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     net = source("conceptnet", "neighbours of each class in the ConceptNet web API (needs network)")
     net.add_argument("--classes", required=True, help="class names: a,b,c or @FILE")
     net.add_argument("--relations", nargs="+", choices=CONCEPTNET_RELATIONS, default=list(CONCEPTNET_RELATIONS))
-    net.add_argument("--min-weight", type=float, default=1.0, help="keep edges with at least this weight")
+    net.add_argument("--weight-above", nargs="+", metavar="[REL=]W",
+                     help="keep edges weighing more than W: one number for every relation, REL=W per relation "
+                          "(others keep every edge), or 'none'; default: Post-hoc CBM's filter, IsA=1")
     net.add_argument("--base-url", default="https://api.conceptnet.io")
     net.add_argument("--cache-dir", help="response cache folder")
     net.add_argument("--on-error", choices=["raise", "skip"], default="raise")
@@ -244,6 +267,9 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     sel.add_argument("--method", choices=["submodular", "top", "random"], default="submodular")
     sel.add_argument("--beta", type=float, default=1.0, help="weight of coverage vs discriminability (default 1)")
     sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), metavar="TEMPLATE",
+                     help="prompt templates with {} that each concept is encoded with, averaged "
+                          f"(default: {' | '.join(DEFAULT_TEMPLATES)})")
     sel.set_defaults(run=lambda args: _select(args, load_encoder, load_embeddings))
 
     show = commands.add_parser("show", help="summarise a bank folder or a candidates file",

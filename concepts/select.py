@@ -26,6 +26,10 @@ F is monotone submodular (modular + facility location), so greedy selection is w
 (1 - 1/e) of the optimum; ``greedy`` evaluates lazily (stale upper bounds in a heap).
 A concept proposed by several classes stays associated with all of them (``associations`` in
 the bank's provenance), and ``class_concepts`` records class -> selected concepts.
+
+Candidate files written elsewhere (LaBo's ``class2concepts.json``: 'black footed albatross',
+'aquarium fish') name classes their own way: ``match_class_names`` maps them onto the data's
+class names after normalising case, spaces and underscores, and lists any that still do not match.
 """
 
 from __future__ import annotations
@@ -46,6 +50,33 @@ from concepts.generate import SHARED, Candidates
 logger = logging.getLogger(__name__)
 
 Method = Literal["submodular", "top", "random"]
+
+
+def normalise_class_name(name: str) -> str:
+    """Case-, space- and underscore-insensitive key of a class name ('Black_footed  Albatross' ->
+    'black footed albatross')."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def match_class_names(names: Sequence[str], class_names: Sequence[str], what: str = "candidates") -> dict[str, str]:
+    """``name -> data class name`` for each of ``names``: exact, else equal after ``normalise_class_name``.
+
+    Names matching no class (or several after normalising) raise one ValueError that lists them."""
+    by_key: dict[str, list[str]] = {}
+    for name in class_names:
+        by_key.setdefault(normalise_class_name(name), []).append(name)
+    matched, unmatched = {}, []
+    for name in names:
+        options = [name] if name in class_names else by_key.get(normalise_class_name(name), [])
+        if len(options) == 1:
+            matched[name] = options[0]
+        else:
+            unmatched.append(name)
+    if unmatched:
+        raise ValueError(f"{what} name {len(unmatched)} classes that match no class of the data even ignoring case, "
+                         f"spaces and underscores: {unmatched[:20]} (data classes: {list(class_names)[:10]}"
+                         f"{' ...' if len(class_names) > 10 else ''}).")
+    return matched
 
 
 def class_means(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -125,10 +156,11 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
                     templates: Sequence[str] = DEFAULT_TEMPLATES, backbone: str | None = None) -> ConceptBank:
     """Choose ``k`` concepts per class from ``candidates`` using training embeddings; a text bank.
 
-    ``labels`` index ``class_names`` (default: the candidates' classes). Classes with ``k`` or
+    ``labels`` index ``class_names`` (default: the candidates' classes); the candidates' class names are
+    matched to them by ``match_class_names``. Classes with ``k`` or
     fewer candidates keep them all (recorded). The bank's provenance holds ``class_concepts``
     (class -> selected concepts), ``associations`` (concept -> every class that proposed it) and
-    the selection parameters.
+    the selection parameters, with the number of training samples it saw.
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer of at least 1, got {k!r}.")
@@ -137,9 +169,13 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
     if method not in ("submodular", "top", "random"):
         raise ValueError(f"method must be 'submodular', 'top' or 'random', got {method!r}.")
     class_names = list(class_names or candidates.class_names)
-    unknown = [c for c in candidates.class_names if c not in class_names]
-    if unknown:
-        raise ValueError(f"candidates name classes that the data lacks: {unknown[:5]}.")
+    renamed = match_class_names(candidates.class_names, class_names)
+    if any(old != new for old, new in renamed.items()):
+        per_class: dict[str, list[str]] = {}
+        for name, phrases in candidates.per_class.items():
+            per_class.setdefault(renamed.get(name, name), []).extend(phrases)
+        candidates = Candidates(per_class, {**candidates.provenance,
+                                            "renamed_classes": {o: n for o, n in renamed.items() if o != n}})
     pool = candidates.concepts()
     if not pool:
         raise ValueError("no candidates to select from.")
@@ -177,6 +213,6 @@ def select_concepts(candidates: Candidates, encoder: TextEncoder, features: torc
     bank = full.subset(names)
     bank.provenance = {**full.provenance, "candidates": candidates.provenance,
                        "selection": {"method": method, "k": k, "beta": beta, "seed": seed,
-                                     "classes_with_at_most_k": short},
+                                     "classes_with_at_most_k": short, "samples": len(labels)},
                        "class_concepts": chosen, "associations": associations}
     return bank

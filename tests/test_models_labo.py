@@ -4,6 +4,8 @@ toy-world acceptance (1-shot and all-data against the linear probe) once the shi
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -296,3 +298,81 @@ def test_toy_world_labo_against_the_linear_probe(toy):
     (labo_one, probe_one), (labo_all, probe_all) = rows
     assert labo_one > probe_one
     assert labo_all >= probe_all - 0.03
+
+
+# ---------------------------------------------------------------------------------------------------
+# The diversity term, foreign class names and few-shot selection from the command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_diversity_term_is_the_references_variance_over_the_batch():
+    from cbm.models.labo import diversity_term
+
+    # each image scores every class alike (variance over classes 0) but images differ (over the batch)
+    scores = torch.tensor([[0.1] * 3, [0.5] * 3, [0.9] * 3])
+    assert float(diversity_term(scores)) == pytest.approx(-0.16)
+    # shares of parts of a batch (a streamed full batch) add up to the whole batch's value and gradient
+    batch = torch.randn(10, 4, requires_grad=True)
+    centre = batch.mean(0).detach()
+    shares = diversity_term(batch[:3], centre, 10) + diversity_term(batch[3:], centre, 10)
+    whole = -batch.var(dim=0).mean()
+    assert float(shares.detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
+    assert torch.allclose(torch.autograd.grad(shares, batch)[0], torch.autograd.grad(whole, batch)[0], atol=1e-6)
+
+
+class HashEncoder:
+    """A deterministic stand-in text encoder: each text gets its own random direction."""
+
+    def encode_texts(self, texts):
+        return torch.stack([torch.randn(D, generator=torch.Generator().manual_seed(sum(map(ord, t)) * 7 + len(t)))
+                            for t in texts])
+
+
+def test_selection_matches_foreign_class_names_and_lists_the_rest(world):
+    from concepts import Candidates, select_concepts
+
+    x, y = world["train"]
+    class_names = ["Black_footed_Albatross", "aquarium_fish", "class 2", "class 3", "class 4", "class 5"]
+    candidates = Candidates({"black footed albatross": ["white head", "long wings"],
+                             "Aquarium  Fish": ["orange scales", "fins"], "class 2": ["stripes"]})
+    bank = select_concepts(candidates, HashEncoder(), x, y, class_names, k=1, templates=["{}"])
+    assert set(bank.provenance["class_concepts"]) == {"Black_footed_Albatross", "aquarium_fish", "class 2"}
+    assert bank.provenance["candidates"]["renamed_classes"] == {"black footed albatross": "Black_footed_Albatross",
+                                                                "Aquarium  Fish": "aquarium_fish"}
+    assert bank.provenance["templates"] == ["{}"] and bank.provenance["selection"]["samples"] == len(y)
+    prior = LaBoCBM(bank).prior_matrix(class_names)
+    assert prior[0].sum() == 1 and prior[1].sum() == 1
+    with pytest.raises(ValueError, match=r"match no class.*\['zebra', 'sea_horse'\]"):
+        select_concepts(Candidates({"zebra": ["stripes"], "class 2": ["dots"], "sea_horse": ["curl"]}),
+                        HashEncoder(), x, y, class_names, k=1)
+    given = LaBoCBM(bank, prior={"BLACK FOOTED albatross": [bank.names[-1]]}).prior_matrix(class_names)
+    assert given.sum() == 1 and given[0, -1] == 1
+
+
+@pytest.mark.skipif(TOY_MISSING, reason="the shipped toy:clip (cbm/assets/toy_clip) is missing")
+def test_cbm_fit_labo_selects_concepts_on_the_few_shot_rows_only(tmp_path, monkeypatch):
+    import concepts
+    from cbm import cli
+    from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
+    from concepts import from_class_concept_matrix
+
+    real = from_class_concept_matrix(CLASS_NAMES, CONCEPTS, class_concept_matrix(), threshold=0.5)
+    path = tmp_path / "class2concepts.json"  # keyed like LaBo's files: other case, underscores
+    path.write_text(json.dumps({name.upper().replace(" ", "_"): phrases for name, phrases in real.per_class.items()}))
+    seen = []
+
+    def spy(candidates, encoder, features, labels, *args, **kwargs):
+        seen.append(torch.bincount(torch.as_tensor(labels), minlength=len(CLASS_NAMES)))
+        return select(candidates, encoder, features, labels, *args, **kwargs)
+
+    select = concepts.select_concepts
+    monkeypatch.setattr(concepts, "select_concepts", spy)
+    out = tmp_path / "labo.cbm"
+    assert cli.main(["fit", "labo", "--backbone", "toy:clip", "--data", "toy:images@val", "--concepts", str(path),
+                     "--shots", "2", "--k", "3", "--templates", "a photo of {}", "--epochs", "5", "--device", "cpu",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert len(seen) == 1 and seen[0].tolist() == [2] * len(CLASS_NAMES)  # 2 per class, not the 900 training rows
+    bank = load(out).bank
+    assert bank.provenance["selection"]["samples"] == 2 * len(CLASS_NAMES)
+    assert bank.provenance["templates"] == ["a photo of {}"]
+    assert set(bank.provenance["class_concepts"]) <= set(CLASS_NAMES)

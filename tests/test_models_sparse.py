@@ -3,13 +3,14 @@ training-free Concept Matrix Search; synthetic unit tests, then the toy-world ac
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cbm.models import BundleError, load
 from cbm.models.labo import LinearProbe
-from cbm.models.sparse import (ConceptMatrixSearch, SparseCBM, concept_matrix_search, contrastive_loss, gumbel_loss,
-                               top_share)
+from cbm.models.sparse import (ConceptMatrixSearch, SparseCBM, alignment_loss, concept_matrix_search, contrastive_loss,
+                               gumbel_loss, top_share)
 from concepts.bank import ConceptBank
 from test_models_labo import TOY_MISSING, make_world, toy  # noqa: F401 (toy: a shared fixture)
 from tiny_models import rewrite_manifest
@@ -49,7 +50,39 @@ def test_both_the_bottleneck_layer_and_the_head_are_optimised(world, fitted):
     init_cbl, init_head = torch.nn.Linear(K, K, bias=False), torch.nn.Linear(K, C, bias=False)
     one = SparseCBM(world["bank"], epochs=1, patience=None).fit(*world["train"], validation=world["val"])
     assert not torch.allclose(one.weight_, init_head.weight.detach())
-    assert not torch.allclose(one.cbl_weight_, init_cbl.weight.detach())
+    assert not torch.allclose(one.cbl_weight_, torch.eye(K) / K ** 0.5)
+    free = SparseCBM(world["bank"], epochs=1, patience=None, init="random").fit(*world["train"], validation=world["val"])
+    assert not torch.allclose(free.cbl_weight_, init_cbl.weight.detach())
+
+
+def own_input_is_most_correlated(model, x) -> float:
+    """Share of bottleneck outputs whose most correlated CBL input (concept similarity) is their own."""
+    outputs, inputs = model.concepts(x), model.similarities(x)
+    outputs = torch.nn.functional.normalize(outputs - outputs.mean(0), dim=0)
+    inputs = torch.nn.functional.normalize(inputs - inputs.mean(0), dim=0)
+    correlation = outputs.T @ inputs  # [output, input]
+    return float((correlation.argmax(1) == torch.arange(len(correlation))).float().mean())
+
+
+def test_alignment_loss_rewards_each_output_tracking_its_own_similarity():
+    sims = torch.randn(64, 10)
+    assert float(alignment_loss(3 * sims + 5, sims)) == pytest.approx(0.0, abs=1e-5)  # scale and offset are free
+    assert float(alignment_loss(sims[:, torch.randperm(10, generator=torch.Generator().manual_seed(1))], sims)) > 0.7
+    assert float(alignment_loss(-sims, sims)) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_each_bottleneck_output_is_the_concept_it_is_named_after(world, fitted):
+    # interventions, top_concepts and edits address output j as concept j: it must follow concept j's similarity
+    x = world["test"][0]
+    for loss, model in fitted.items():
+        assert own_input_is_most_correlated(model, x) >= 0.9, loss
+        assert model.metrics_["val_concept_alignment"] > 0.8, loss
+    free = SparseCBM(world["bank"], align=0, init="random").fit(*world["train"], validation=world["val"])
+    assert own_input_is_most_correlated(free, x) < 0.5  # the reference's free layer mixes them
+    with pytest.raises(ValueError, match="align must be"):
+        SparseCBM(world["bank"], align=-1).fit(*world["train"])
+    with pytest.raises(ValueError, match="init must be"):
+        SparseCBM(world["bank"], init="zeros").fit(*world["train"])
 
 
 def test_gumbel_loss_is_the_references_form():
@@ -154,6 +187,24 @@ def test_cms_rules_on_a_hand_made_case():
         concept_matrix_search(torch.tensor([[1.0, -1.0, 0.0, 0.0]]), concepts, classes)
 
 
+def test_cms_from_text_uses_the_banks_templates(world):
+    class Recorder:
+        def __init__(self):
+            self.texts = []
+
+        def encode_texts(self, texts):
+            self.texts += list(texts)
+            return torch.randn(len(texts), world["bank"].dim, generator=torch.Generator().manual_seed(len(self.texts)))
+
+    bank = ConceptBank(world["bank"].names, world["bank"].vectors, provenance={"templates": ["{}", "a {} thing"]})
+    encoder = Recorder()
+    ConceptMatrixSearch.from_text(bank, encoder, ["red", "blue"])
+    assert encoder.texts == ["red", "a red thing", "blue", "a blue thing"]
+    encoder.texts = []
+    ConceptMatrixSearch.from_text(bank, encoder, ["red"], prompts=["a photo of {}"])
+    assert encoder.texts == ["a photo of red"]
+
+
 def test_cms_classifies_the_synthetic_world(world):
     bank = world["bank"]
     classes = torch.stack([bank.vectors[3 * c:3 * c + 3].mean(0) for c in range(C)])
@@ -167,8 +218,42 @@ def test_cms_classifies_the_synthetic_world(world):
 # ------------------------------------------------------------------------------------ toy-world acceptance
 
 
+@pytest.fixture(scope="module")
+def toy_fitted(toy) -> dict:
+    return {loss: SparseCBM(toy["bank"], loss=loss).fit(toy["train"], validation=toy["val"])
+            for loss in ("gumbel", "contrastive", "l1")}
+
+
+def toy_concept_auc(model, data) -> float:
+    """Mean ROC AUC of the model's bottleneck outputs against the toy world's ground-truth concepts."""
+    from sklearn.metrics import roc_auc_score
+
+    activations = model.concepts(data).detach().numpy()
+    labels = data.concept_labels.numpy()
+    return float(np.mean([roc_auc_score(labels[:, j], activations[:, model.concept_names.index(name)])
+                          for j, name in enumerate(data.concept_names)]))
+
+
 @pytest.mark.skipif(TOY_MISSING, reason="the shipped toy:clip (cbm/assets/toy_clip) is missing")
-def test_toy_world_sparse_cbm_variants_and_cms(toy):
+def test_toy_world_bottleneck_outputs_are_their_concepts(toy, toy_fitted):
+    test = toy["test"]
+    similarity_auc = toy_concept_auc(type("Similarities", (), {"concepts": toy_fitted["gumbel"].similarities,
+                                                                "concept_names": toy["bank"].names}), test)
+    world = [toy["bank"].names.index(name) for name in test.concept_names]
+    for loss, model in toy_fitted.items():
+        auc = toy_concept_auc(model, test)
+        outputs, inputs = model.concepts(test), model.similarities(test)
+        outputs = torch.nn.functional.normalize(outputs - outputs.mean(0), dim=0)
+        inputs = torch.nn.functional.normalize(inputs - inputs.mean(0), dim=0)
+        own = float(((outputs.T @ inputs).argmax(1)[world] == torch.tensor(world)).float().mean())
+        print(f"Sparse-CBM {loss:<11} bottleneck concept AUC {auc:.3f} (CLIP similarities {similarity_auc:.3f}); "
+              f"own similarity most correlated for {own:.2f} of the world's concepts")
+        assert auc >= 0.9, loss
+        assert own >= 0.8, loss
+
+
+@pytest.mark.skipif(TOY_MISSING, reason="the shipped toy:clip (cbm/assets/toy_clip) is missing")
+def test_toy_world_sparse_cbm_variants_and_cms(toy, toy_fitted):
     from cbm.data.toy import class_prompts
     from cbm.toymodels.quality import zero_shot_accuracy
 
@@ -176,8 +261,7 @@ def test_toy_world_sparse_cbm_variants_and_cms(toy):
     probe = LinearProbe().fit(train, validation=val).score(test)
     print(f"\ntoy world, {len(bank)} concepts ({len(bank) - 30} distractors); linear probe {probe:.3f}")
     results = {}
-    for loss in ("gumbel", "contrastive", "l1"):
-        model = SparseCBM(bank, loss=loss).fit(train, validation=val)
+    for loss, model in toy_fitted.items():
         share = model.sparsity(test)
         results[loss] = model.score(test)
         top = [name for name, _ in model.top_concepts(3)[toy["class_names"][0]]]

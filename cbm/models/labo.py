@@ -10,8 +10,11 @@ every one of them) and is trained with cross-entropy and Adam on
 
 so each class score is a convex combination of concept similarities. The epoch with the best
 validation accuracy is kept (model selection on the validation split, never on test data).
-Optional terms: ``l1`` times the largest row L1 norm of W, and ``diversity`` times minus the
-variance of the class scores across classes (the reference's two switched-off terms).
+Optional terms (the reference's two switched-off ones): ``l1`` times the largest row L1 norm of W,
+and ``diversity`` times ``diversity_term``, the reference's ``-var(sim, dim=0).mean()``: minus the
+(unbiased) variance over the batch of each class's score ``D . softmax(W)^T`` (before the scale),
+averaged over classes. With a full batch streamed in chunks it is summed exactly from per-chunk
+parts around the batch mean of the scores.
 
 Feature scaling, the one deliberate departure from the paper's defaults:
 
@@ -47,6 +50,7 @@ from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation
                              prepare_validation, split_validation)
 from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
+from concepts.select import normalise_class_name
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,19 @@ FEW_SHOTS: tuple[int | str, ...] = (1, 2, 4, 8, 16, "all")
 # ---------------------------------------------------------------------------------------------
 # LaBo
 # ---------------------------------------------------------------------------------------------
+
+
+def diversity_term(class_scores: torch.Tensor, centre: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+    """The reference's diversity term ``-var(class_scores, dim=0).mean()``: minus each class's variance over
+    the batch (unbiased), averaged over classes, rewarding class scores that differ between images.
+
+    Given the batch mean ``centre`` [C] and the batch size ``n``, the share of one part of the batch: the
+    parts' shares add up to the whole batch's value and gradient."""
+    if centre is None:
+        centre, n = class_scores.mean(dim=0), len(class_scores)
+    if n < 2:
+        return class_scores.sum() * 0.0
+    return -(class_scores - centre).pow(2).sum() / ((n - 1) * class_scores.shape[1])
 
 
 class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
@@ -134,7 +151,8 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         return self.weight_.clone()
 
     def prior_matrix(self, class_names: Sequence[str] | None = None) -> torch.Tensor:
-        """The language prior [C, M]: 1 where the class proposed the concept, 0 elsewhere."""
+        """The language prior [C, M]: 1 where the class proposed the concept, 0 elsewhere (the prior's class
+        names match the data's ignoring case, spaces and underscores)."""
         class_names = list(class_names or self.class_names_)
         names = list(self.bank.names)
         matrix = torch.zeros(len(class_names), len(names))
@@ -148,6 +166,9 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
                              "concepts.select_concepts); pass prior={class: [concepts]} or prior='none'.")
         column = {name: i for i, name in enumerate(names)}
         row = {name: i for i, name in enumerate(class_names)}
+        for i, name in enumerate(class_names):
+            row.setdefault(normalise_class_name(name), i)
+        mapping = {name if name in row else normalise_class_name(name): concepts for name, concepts in mapping.items()}
         unknown = [name for name in mapping if name not in row]
         if len(unknown) == len(mapping):
             raise ValueError(f"none of the prior's classes ({list(mapping)[:5]}) is a class of the data "
@@ -187,16 +208,21 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         def logits_of(scores: torch.Tensor) -> torch.Tensor:
             return self.scale * scores @ torch.softmax(association, dim=1).T
 
-        def step(parts: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
-            """One Adam step on the mean loss over ``n`` rows given in parts (a batch, or the chunks of a
-            full batch): each part's share of the gradient is added up before the step."""
+        def step(parts: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], n: int) -> float:
+            """One Adam step on the mean loss over ``n`` rows given in ``parts()`` (a batch, or the chunks of a
+            full batch): each part's share of the gradient is added up before the step. The diversity term
+            is a variance over all n rows: each part adds its squared deviations from the batch mean of the
+            class scores (one extra pass without gradients), which sums to the exact value and gradient."""
             optimiser.zero_grad()
             total = 0.0
-            for scores, labels in parts:
+            if self.diversity:
+                with torch.no_grad():
+                    centre = sum(logits_of(scores).sum(dim=0) for scores, _ in parts()) / (n * self.scale)
+            for scores, labels in parts():
                 logits = logits_of(scores)
                 loss = nn.functional.cross_entropy(logits, labels, reduction="sum") / n
                 if self.diversity:
-                    loss = loss - self.diversity * (logits / self.scale).var(dim=1).sum() / n
+                    loss = loss + self.diversity * diversity_term(logits / self.scale, centre, n)
                 loss.backward()
                 total += float(loss.detach())
             if self.l1:
@@ -216,9 +242,10 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         for epoch in range(1, int(self.epochs) + 1):
             if batch < len(train):
                 for index in torch.randperm(len(train), generator=generator).split(batch):
-                    train_loss = step([train.batch(index)], len(index))
+                    rows = train.batch(index)
+                    train_loss = step(lambda: [rows], len(index))
             else:
-                train_loss = step(train.chunks(), len(train))
+                train_loss = step(train.chunks, len(train))
             if epoch % self.eval_every and epoch != self.epochs:
                 continue
             val_acc, val_loss = evaluate(val, logits_of)

@@ -20,7 +20,19 @@ jointly with cross-entropy on the head plus one CBL loss:
 Both layers are optimised (Adam, one parameter group each, ``cbl_lr`` and ``lr``): the packaged
 reference trainer never updates its head. The epoch with the best validation accuracy is kept.
 
-The model's concepts (what interventions set and explanations decompose) are the CBL outputs;
+Named outputs (departure). The model's concepts (what interventions set, explanations decompose,
+edits and the editor address by name) are the CBL outputs, so output j must be concept j. The
+reference's CBL starts random and nothing ties output j to concept j: on the toy world its outputs
+are arbitrary mixtures (mean concept AUC 0.45 against 0.97 for the similarities they are computed
+from). Here the CBL starts at the identity divided by sqrt(K) (the bound of PyTorch's default
+init, so the outputs start at the scale the reference's random layer gives them; the plain
+identity trains the head markedly slower) and the loss adds ``align`` (2) times
+``alignment_loss``: one minus the mean over concepts of the batch correlation between output j
+and similarity j (the Pearson form of the reference's own ``similarity`` criterion, Label-free
+CBM's cos^3 without the cube). Correlation ignores scale and offset, so the CBL and the CE remain
+free to rescale each concept. On the toy world (toy:clip, 134 concepts) this lifts the Gumbel
+variant's bottleneck concept AUC from 0.48 to 0.93 for 0.8 points of class accuracy (0.986 ->
+0.978). ``align=0`` with ``init="random"`` is the reference's free layer.
 ``similarities(x)`` gives the CBL's input. ``sparsity(x)`` reports the share of the activation mass
 in the top 5 concepts per sample (of |activation| and of the softmax over concepts).
 
@@ -72,6 +84,14 @@ def contrastive_loss(activations: torch.Tensor, targets: torch.Tensor, temperatu
     return (nn.functional.cross_entropy(logits, index) + nn.functional.cross_entropy(logits.T, index)) / 2
 
 
+def alignment_loss(activations: torch.Tensor, similarities: torch.Tensor) -> torch.Tensor:
+    """``1 - mean_j corr(activations[:, j], similarities[:, j])`` over the batch: 0 when every output is
+    an increasing affine function of its own concept's similarity, up to 2 when it is a decreasing one."""
+    a = nn.functional.normalize(activations - activations.mean(dim=0), dim=0)
+    b = nn.functional.normalize(similarities - similarities.mean(dim=0), dim=0)
+    return 1 - (a * b).sum(dim=0).mean()
+
+
 def top_share(activations: torch.Tensor, k: int = 5) -> dict[str, float]:
     """Mean share of the activation mass in each sample's top ``k`` concepts: of |a| and of softmax(a)."""
     magnitude = activations.abs()
@@ -93,6 +113,10 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
     l1_lambda: the l1 strength before division by K (reference 1e-3).
     contrastive_temperature: temperature of our batch InfoNCE.
     loss_weight: weight of the CBL loss beside the cross-entropy (reference: 1, the two are summed).
+    align: weight of ``alignment_loss``, which keeps output j the concept it is named after (0: off,
+        as in the reference).
+    init: the CBL's initial weight, "identity" (identity / sqrt(K): output j starts as similarity j) or
+        "random" (PyTorch's default Linear init, as in the reference).
     logit_scale: scale of the cosine similarities (CLIP's 100).
     lr, cbl_lr: Adam learning rates of the head and of the CBL (ours 1e-3; the reference demo uses
         3e-4 for both over 10 epochs of CUB, its README 1e-3 with SGD for Gumbel, 3e-4 with Adam(W)
@@ -107,7 +131,8 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
 
     def __init__(self, bank: ConceptBank, *, loss: Loss = "gumbel", tau: float = 1.0, hard: bool = False,
                  l1_lambda: float = 1e-3, contrastive_temperature: float = 0.1, loss_weight: float = 1.0,
-                 logit_scale: float = 100.0, lr: float = 1e-3, cbl_lr: float = 1e-3, epochs: int = 200,
+                 align: float = 2.0, init: Literal["identity", "random"] = "identity", logit_scale: float = 100.0,
+                 lr: float = 1e-3, cbl_lr: float = 1e-3, epochs: int = 200,
                  batch_size: int = 128, patience: int | None = 15, seed: int = 0, device: str = "auto",
                  stream: Stream = "auto") -> None:
         self.bank = bank
@@ -117,6 +142,8 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         self.l1_lambda = l1_lambda
         self.contrastive_temperature = contrastive_temperature
         self.loss_weight = loss_weight
+        self.align = align
+        self.init = init
         self.logit_scale = logit_scale
         self.lr = lr
         self.cbl_lr = cbl_lr
@@ -170,6 +197,10 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         for name in ("lr", "cbl_lr", "epochs", "batch_size", "tau", "logit_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if not 0 <= self.align < math.inf:
+            raise ValueError(f"align must be a non-negative finite number, got {self.align!r}.")
+        if self.init not in ("identity", "random"):
+            raise ValueError(f"init must be 'identity' or 'random', got {self.init!r}.")
         features, labels = self._begin_bank_fit(x, y, class_names)
         train_x, train_y, val_x, val_y, source = prepare_validation(self, features, labels, validation, self.seed,
                                                                     self.bank)
@@ -180,6 +211,9 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         k, c = train_s.shape[1], len(self.class_names_)
         torch.manual_seed(self.seed)
         cbl, head = nn.Linear(k, k, bias=False).to(device), nn.Linear(k, c, bias=False).to(device)
+        if self.init == "identity":
+            with torch.no_grad():
+                cbl.weight.copy_(torch.eye(k, device=device) / math.sqrt(k))
         initial = (cbl.weight.detach().clone(), head.weight.detach().clone())
         optimiser = torch.optim.Adam([{"params": cbl.parameters(), "lr": self.cbl_lr},
                                       {"params": head.parameters(), "lr": self.lr}])
@@ -187,22 +221,25 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         best = {"val_accuracy": -1.0, "val_loss": math.inf, "epoch": 0, "state": initial, "seconds": 0.0}
         history, stale, started, epoch, lowest = [], 0, time.perf_counter(), 0, math.inf
         for epoch in range(1, int(self.epochs) + 1):
-            sums = {"ce": 0.0, "cbl": 0.0}
+            sums = {"ce": 0.0, "cbl": 0.0, "align": 0.0}
             for index in torch.randperm(len(train), generator=generator).split(int(self.batch_size)):
                 sims, labels = train.batch(index)
                 activations = cbl(sims)
                 ce = nn.functional.cross_entropy(head(activations), labels)
                 extra = self._cbl_loss(activations, sims, cbl)
-                loss = ce + self.loss_weight * extra
+                aligned = alignment_loss(activations, sims) if self.align else ce.new_zeros(())
+                loss = ce + self.loss_weight * extra + self.align * aligned
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 sums["ce"] += float(ce.detach()) * len(index)
                 sums["cbl"] += float(extra.detach()) * len(index)
+                sums["align"] += float(aligned.detach()) * len(index)
             val_acc, val_loss = evaluate(val, lambda sims: head(cbl(sims)))
             seconds = time.perf_counter() - started
             history.append({"epoch": epoch, "seconds": seconds, "val_accuracy": val_acc, "val_loss": val_loss,
-                            "train_ce": sums["ce"] / len(train_s), "train_cbl_loss": sums["cbl"] / len(train_s)})
+                            "train_ce": sums["ce"] / len(train_s), "train_cbl_loss": sums["cbl"] / len(train_s),
+                            "train_alignment_loss": sums["align"] / len(train_s)})
             progressed = val_acc > best["val_accuracy"] or val_loss < lowest - 1e-4
             lowest = min(lowest, val_loss)
             stale = 0 if progressed else stale + 1
@@ -220,6 +257,7 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
                   for name, now, before in (("cbl", self.cbl_weight_, initial[0]), ("head", self.weight_, initial[1]))}
         self.metrics_ = {"train_accuracy": accuracy(train_c @ self.weight_.T, train_y),
                          "val_accuracy": best["val_accuracy"],
+                         "val_concept_alignment": float(1 - alignment_loss(val_s @ self.cbl_weight_.T, val_s)),
                          **{f"val_{key}": value for key, value in top_share(val_s @ self.cbl_weight_.T).items()}}
         self.training_ = {"samples": len(train_x), "validation": source, "validation_samples": len(val_x),
                           "epochs_run": epoch, "best_epoch": best["epoch"], "seconds": time.perf_counter() - started,
@@ -239,7 +277,9 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
     @classmethod
     def _from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseCBM:
         state = manifest["state"]
-        model = cls(bank_from_state(state["bank"], tensors), **manifest["params"])
+        # bundles written before the alignment term had a free, randomly initialised CBL
+        params = {"align": 0.0, "init": "random", **manifest["params"]}
+        model = cls(bank_from_state(state["bank"], tensors), **params)
         _restore_common(model, manifest)
         k, c = len(model.concept_names_), len(model.class_names_)
         check_tensors(tensors, {"weight": (c, k), "cbl_weight": (k, k), "reference_high": (k,), "reference_low": (k,)})
@@ -296,10 +336,12 @@ class ConceptMatrixSearch:
     def from_text(cls, bank: ConceptBank, encoder: Any, class_names: Sequence[str], *,
                   prompts: Any = None, rule: Literal["similarity", "max"] = "similarity") -> ConceptMatrixSearch:
         """Class vectors from class-name prompts: ``prompts(name) -> list[str]`` or templates with ``{}``
-        (default: the bank's templates); each class is the normalised mean of its prompt embeddings."""
+        (default: the templates the bank's concepts were encoded with, else ``DEFAULT_TEMPLATES``); each class is
+        the normalised mean of its prompt embeddings."""
+        templates = prompts or bank.provenance.get("templates") or DEFAULT_TEMPLATES
         vectors = []
         for name in class_names:
-            texts = prompts(name) if callable(prompts) else [t.format(name) for t in (prompts or DEFAULT_TEMPLATES)]
+            texts = prompts(name) if callable(prompts) else [t.format(name) for t in templates]
             vectors.append(nn.functional.normalize(torch.as_tensor(encoder.encode_texts(texts)).float(), dim=1).mean(0))
         return cls(bank, torch.stack(vectors), class_names, rule=rule)
 
