@@ -1,8 +1,10 @@
 """Concept activation vectors (CAVs) learned from embeddings: the Post-hoc CBM recipe, batched.
 
 For each concept, positive and negative example embeddings are split (seeded) into a training
-and a held-out part; a linear classifier is fit on the training part for every value of ``C``,
-and the ``C`` with the best held-out accuracy is kept (ties: the smallest ``C``). Solvers:
+and a held-out part (``val_fraction``). ``C`` is chosen by stratified ``folds``-fold
+cross-validation on the training part (best mean accuracy; ties: the smallest ``C``), the CAV
+is the classifier fit on the whole training part with that ``C``, and the held-out part, used
+neither to fit nor to choose ``C``, measures its accuracy. Solvers:
 
 - ``"torch"``: the same hinge-loss linear SVM as SVC, ``1/2 ||w||^2 + C sum_i max(0, 1 - y_i (w.x_i + b))``,
   solved for ALL concepts and ALL ``C`` at once by batched dual coordinate descent
@@ -10,10 +12,21 @@ and the ``C`` with the best held-out accuracy is kept (ties: the smallest ``C``)
 - ``"sklearn"``: ``sklearn.svm.SVC(kernel="linear", C)`` per concept and ``C``, as Post-hoc CBM does.
 - ``"fastcav"``: difference of class means, threshold at the midpoint (no ``C``; FastCAV).
 
+Departure from Post-hoc CBM: the reference fits one bank per ``C`` and reports each bank's
+accuracy on its validation half, so the accuracy of the ``C`` a user then picks on those numbers
+is optimistic; here the choice is made inside the training part and the reported accuracy is not.
+
 Scores of the resulting ``kind="cav"`` bank are margins ``(v.f + b)/||v||``. Per concept the
-bank's ``stats`` hold ``C``, ``train_accuracy``, ``val_accuracy`` and margin statistics of the
-positive and negative examples (``pos_mean``, ``pos_std``, ``pos_q10``, ``pos_q50``, ``pos_q90``,
-the same for ``neg_``, and the counts): the reference values used for interventions.
+bank's ``stats`` hold:
+- ``C``: the chosen value;
+- ``selection_accuracy``: its cross-validated accuracy on the training part (what chose it; NaN
+  when there was nothing to choose: one ``C`` or ``fastcav``), optimistic by construction;
+- ``train_accuracy``: accuracy of the CAV on the examples it was fit on;
+- ``val_accuracy``: accuracy on the held-out examples, used neither to fit nor to choose ``C``:
+  the figure to report;
+- margin statistics of the positive and negative examples (``pos_mean``, ``pos_std``,
+  ``pos_q10``, ``pos_q50``, ``pos_q90``, the same for ``neg_``, and the counts), over training
+  and held-out examples: the reference values used for interventions.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -117,7 +130,8 @@ def _fastcav(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[tor
 
 
 class _Examples:
-    """Per-concept examples padded to [K,M,D] with labels [K,M] in {-1,+1} and a mask [K,M]."""
+    """Per-concept examples padded to [K,M,D] with labels [K,M] in {-1,+1} and a mask [K,M]
+    (positives first, then negatives, each side in the seeded order of :func:`_split`)."""
 
     def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         width = max(len(p) + len(n) for p, n in blocks)
@@ -132,10 +146,23 @@ class _Examples:
         """Signed distances [K,C,M] of every example to every candidate hyperplane ([K,C,D], [K,C])."""
         return (torch.einsum("kmd,kcd->kcm", self.x, weights) + bias[..., None]) / weights.norm(dim=-1, keepdim=True)
 
+    def correct(self, weights: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Number [K,C] of the examples in ``rows`` ([K,M] mask; default all) each candidate gets right."""
+        rows = self.valid if rows is None else rows & self.valid
+        return (((self.margins(weights, bias) >= 0) == (self.y[:, None] > 0)) & rows[:, None]).sum(-1)
+
     def accuracy(self, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Accuracy [K,C] of each candidate classifier."""
-        correct = ((self.margins(weights, bias) >= 0) == (self.y[:, None] > 0)) & self.valid[:, None]
-        return correct.sum(-1) / self.valid.sum(-1, keepdim=True)
+        return self.correct(weights, bias) / self.valid.sum(-1, keepdim=True)
+
+    def folds(self, folds: int) -> torch.Tensor:
+        """Stratified fold of every example [K,M] (-1 at padding): each side dealt in turn into
+        ``min(folds, positives, negatives)`` folds of the concept."""
+        positives, negatives = (self.y == 1).sum(1), (self.y == -1).sum(1)
+        width = torch.minimum(torch.minimum(positives, negatives), torch.tensor(folds)).clamp(min=1)
+        rank = torch.arange(self.y.shape[1]).expand_as(self.y)
+        rank = torch.where(self.y == 1, rank, rank - positives[:, None])  # position within its side
+        return torch.where(self.valid, rank % width[:, None], -1)
 
 
 def _split(block: torch.Tensor, val_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +171,42 @@ def _split(block: torch.Tensor, val_fraction: float, generator: torch.Generator)
     return block[order[n_val:]], block[order[:n_val]]
 
 
+def _held_out(n: int, val_fraction: float) -> int:
+    """How many of ``n`` examples of one side :func:`_split` holds out."""
+    return min(n - 1, max(1, round(n * val_fraction)))
+
+
+def min_examples(val_fraction: float = 0.5, selecting: bool = True) -> int:
+    """The fewest examples per side :func:`learn_cavs` accepts: 2, or with a choice of ``C`` to
+    make, enough to leave 2 in the training part for cross-validation."""
+    n = 2
+    while selecting and n - _held_out(n, val_fraction) < 2:
+        n += 1
+    return n
+
+
+def _choose_c(train: _Examples, solve: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+              folds: int) -> torch.Tensor:
+    """Cross-validated accuracy [K,C] of every C on the training part: each fold is scored by the
+    classifiers fit on the other folds."""
+    fold = train.folds(folds)
+    correct = torch.zeros(fold.shape[0], 1)
+    for f in range(folds):
+        held = fold == f
+        if held.any():
+            weights, bias = solve(train.valid & ~held)
+            correct = correct + train.correct(weights, bias, held)
+    return correct / train.valid.sum(-1, keepdim=True)
+
+
 def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, torch.Tensor], *,
                solver: Solver = "torch", cs: Sequence[float] = DEFAULT_CS, val_fraction: float = 0.5,
-               seed: int = 0, backbone: str | None = None, device: str | torch.device = "cpu",
+               folds: int = 3, seed: int = 0, backbone: str | None = None, device: str | torch.device = "cpu",
                progress: bool = False) -> ConceptBank:
     """A CAV bank from positive/negative example embeddings per concept (name -> [n, D]).
 
-    ``val_fraction`` of each side is held out to choose ``C`` and to report validation accuracy.
+    ``val_fraction`` of each side is held out to report accuracy (``stats["val_accuracy"]``);
+    ``C`` is chosen by ``folds``-fold cross-validation on the rest (see the module docstring).
     """
     names = list(positives)
     if not names:
@@ -162,9 +218,12 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
     if solver not in ("torch", "sklearn", "fastcav"):
         raise ValueError(f"solver must be 'torch', 'sklearn' or 'fastcav', got {solver!r}.")
-    cs = (1.0,) if solver == "fastcav" else tuple(sorted(float(c) for c in cs))
+    cs = (1.0,) if solver == "fastcav" else tuple(sorted({float(c) for c in cs}))
     if not cs or not all(0 < c < math.inf for c in cs):
         raise ValueError(f"C values must be positive finite numbers, got {cs}.")
+    if not (isinstance(folds, numbers.Integral) and folds >= 2):
+        raise ValueError(f"folds must be an integer of at least 2, got {folds!r}.")
+    needed = min_examples(val_fraction, selecting=len(cs) > 1)
     dims = set()
     generator = torch.Generator().manual_seed(seed)
     train, val = [], []
@@ -172,9 +231,10 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
         pos, neg = (real_tensor(side[name], f"{label}[{name!r}]").cpu()
                     for side, label in ((positives, "positives"), (negatives, "negatives")))
         for label, block in (("positive", pos), ("negative", neg)):
-            if block.ndim != 2 or block.shape[0] < 2:
-                raise ValueError(f"concept {name!r} needs at least 2 {label} examples as an [n, D] tensor, "
-                                 f"got shape {tuple(block.shape)}.")
+            if block.ndim != 2 or block.shape[0] < needed:
+                why = " (at least 2 to fit and choose C on, the rest held out)" if needed > 2 else ""
+                raise ValueError(f"concept {name!r} needs at least {needed} {label} examples as an [n, D] tensor"
+                                 f"{why}, got shape {tuple(block.shape)}.")
             if not torch.isfinite(block).all():
                 raise ValueError(f"the {label} examples of concept {name!r} contain NaN or infinite values; "
                                  "drop those rows first.")
@@ -186,19 +246,27 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
         raise ValueError(f"all examples must share one embedding dimension, got {sorted(dims)}.")
     train, val = _Examples(train), _Examples(val)
 
-    if solver == "torch":
-        device = torch.device(device)
-        weights, bias = hinge_svm(train.x.to(device), train.y.to(device), train.valid.to(device), cs, seed=seed)
-        weights, bias = weights.cpu(), bias.cpu()
-    elif solver == "sklearn":
-        weights, bias = _sklearn_svm(train.x, train.y, train.valid, cs, progress)
-    else:
-        weights, bias = _fastcav(train.x, train.y, train.valid)
+    def solve(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifiers [K,C,D] and intercepts [K,C] fit on the training examples in ``rows``."""
+        if solver == "torch":
+            on = torch.device(device)
+            weights, bias = hinge_svm(train.x.to(on), train.y.to(on), rows.to(on), cs, seed=seed)
+            return weights.cpu(), bias.cpu()
+        if solver == "sklearn":
+            return _sklearn_svm(train.x, train.y, rows, cs, progress)
+        return _fastcav(train.x, train.y, rows)
 
-    chosen = val.accuracy(weights, bias).argmax(dim=1)  # first maximum: the smallest C
+    weights, bias = solve(train.valid)
     rows = torch.arange(len(names))
+    if len(cs) > 1:
+        selection = _choose_c(train, solve, folds)
+        chosen = selection.argmax(dim=1)  # first maximum: the smallest C
+        selection = selection[rows, chosen]
+    else:
+        chosen, selection = torch.zeros(len(names), dtype=torch.long), torch.full((len(names),), math.nan)
     vectors, intercepts = weights[rows, chosen][:, None], bias[rows, chosen][:, None]
-    stats = {"C": torch.tensor(cs)[chosen], "train_accuracy": train.accuracy(vectors, intercepts)[:, 0],
+    stats = {"C": torch.tensor(cs)[chosen], "selection_accuracy": selection,
+             "train_accuracy": train.accuracy(vectors, intercepts)[:, 0],
              "val_accuracy": val.accuracy(vectors, intercepts)[:, 0]}
     margins = torch.cat([part.margins(vectors, intercepts)[:, 0] for part in (train, val)], dim=1)
     labels = torch.cat([train.y, val.y], dim=1)
@@ -212,10 +280,11 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
             stats[f"{side}_q{round(q * 100)}"] = values.nanquantile(q, dim=1)
         stats[f"{side}_count"] = count.float()
     provenance = {"generator": "cavs", "solver": solver, "C_grid": list(cs), "val_fraction": val_fraction,
+                  "C_selection": f"{folds}-fold cross-validation on the training part" if len(cs) > 1 else "none",
                   "seed": seed}
     bank = ConceptBank(names, vectors[:, 0], intercepts[:, 0], kind="cav", backbone=backbone,
                        provenance=provenance, stats=stats)
-    logger.info("learned %d CAVs (%s): mean validation accuracy %.3f", len(names), solver,
+    logger.info("learned %d CAVs (%s): mean held-out accuracy %.3f", len(names), solver,
                 float(stats["val_accuracy"].mean()))
     return bank
 
@@ -226,8 +295,9 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
     """CAVs from a labelled dataset: features [N,D] and binary concept labels [N,K].
 
     Positives are the samples with the concept (at most ``max_positives``, sampled); as many
-    negatives are sampled from the rest (seeded). A concept with fewer than 2 positives or
-    negatives raises, or with ``on_missing="skip"`` is left out and recorded in the provenance.
+    negatives are sampled from the rest (seeded). A concept with fewer positives or negatives than
+    :func:`learn_cavs` needs (:func:`min_examples`: 4 with the defaults) raises, or with
+    ``on_missing="skip"`` is left out and recorded in the provenance.
     """
     features = real_tensor(features, "features").cpu()
     labels = real_tensor(concept_labels, "concept_labels").cpu()
@@ -238,15 +308,18 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
         raise ValueError("features and concept_labels must not contain NaN or infinite values; drop those rows first.")
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}.")
-    if max_positives is not None and not (isinstance(max_positives, numbers.Integral) and max_positives >= 2):
-        raise ValueError(f"max_positives must be an integer of at least 2 (or None for all), got {max_positives!r}.")
+    selecting = learn_kwargs.get("solver", "torch") != "fastcav" and len(set(learn_kwargs.get("cs", DEFAULT_CS))) > 1
+    needed = min_examples(learn_kwargs.get("val_fraction", 0.5), selecting)
+    if max_positives is not None and not (isinstance(max_positives, numbers.Integral) and max_positives >= needed):
+        raise ValueError(f"max_positives must be an integer of at least {needed} (or None for all), "
+                         f"got {max_positives!r}.")
     rng = np.random.default_rng(seed)
     positives, negatives, skipped = {}, {}, {}
     for k, name in enumerate(names):
         present = labels[:, k] >= 0.5
         pos_idx, neg_idx = (torch.nonzero(mask).flatten().numpy() for mask in (present, ~present))
-        if min(len(pos_idx), len(neg_idx)) < 2:
-            reason = f"{len(pos_idx)} positive and {len(neg_idx)} negative samples (need at least 2 of each)"
+        if min(len(pos_idx), len(neg_idx)) < needed:
+            reason = f"{len(pos_idx)} positive and {len(neg_idx)} negative samples (need at least {needed} of each)"
             if on_missing == "raise":
                 raise ValueError(f"cannot learn a CAV for {name!r}: {reason}; pass on_missing='skip' to leave it out.")
             skipped[name] = reason

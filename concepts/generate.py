@@ -367,20 +367,48 @@ def from_llm(class_names: Sequence[str], client: ChatClient, *, prompts: str | M
 # --------------------------------------------------------------------------------------------
 
 CONCEPTNET_RELATIONS = ("HasA", "IsA", "PartOf", "HasProperty", "MadeOf", "AtLocation")
+#: Post-hoc CBM's ConceptNet filter (``learn_concepts_multimodal.py``): IsA edges must weigh more
+#: than 1; HasA, MadeOf, HasProperty and PartOf edges are all kept.
+REFERENCE_WEIGHT_ABOVE: dict[str, float] = {"IsA": 1.0}
+
+
+def _weight_thresholds(weight_above: float | Mapping[str, float] | None,
+                       relations: Sequence[str]) -> dict[str, float | None]:
+    """Per relation, the weight an edge must exceed (None: every edge is kept)."""
+    if weight_above is None:
+        return dict.fromkeys(relations)
+    if isinstance(weight_above, Mapping):
+        unknown = set(weight_above) - set(CONCEPTNET_RELATIONS)
+        if unknown:
+            raise ValueError(f"weight_above names unsupported ConceptNet relations {sorted(unknown)}; "
+                             f"use {CONCEPTNET_RELATIONS}.")
+        thresholds = {relation: weight_above.get(relation) for relation in relations}
+    else:
+        thresholds = dict.fromkeys(relations, weight_above)
+    for relation, value in thresholds.items():
+        if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value)):
+            raise ValueError(f"the weight threshold for {relation} must be a finite number, got {value!r}.")
+    return {relation: None if value is None else float(value) for relation, value in thresholds.items()}
 
 
 def from_conceptnet(class_names: Sequence[str], *, relations: Sequence[str] = CONCEPTNET_RELATIONS,
-                    min_weight: float = 1.0, base_url: str = "https://api.conceptnet.io", limit: int = 200,
+                    weight_above: float | Mapping[str, float] | None = REFERENCE_WEIGHT_ABOVE,
+                    base_url: str = "https://api.conceptnet.io", limit: int = 200,
                     cache_dir: str | os.PathLike | None = None, http: HTTPClient | None = None,
                     on_error: Literal["raise", "skip"] = "raise", progress: bool = True) -> Candidates:
-    """Neighbours of each class in ConceptNet over ``relations`` with edge weight >= ``min_weight``.
+    """Neighbours of each class in ConceptNet over ``relations`` (at most ``limit`` edges per query).
 
-    For PartOf the concept is the part (the edge's start, "wheel PartOf car"); for the other
-    relations it is the edge's end ("car HasA wheel"). English labels only.
+    An edge is kept when its weight is strictly above ``weight_above``: one number for every
+    relation, or relation -> number (relations not named keep every edge), or None (no weight
+    filter). The default is Post-hoc CBM's filter, ``REFERENCE_WEIGHT_ABOVE``: IsA edges with
+    weight > 1, every edge of the other relations. For PartOf the concept is the part (the edge's
+    start, "wheel PartOf car"); for the other relations it is the edge's end ("car HasA wheel").
+    English labels only. The provenance records the threshold used for each relation.
     """
     unknown = set(relations) - set(CONCEPTNET_RELATIONS)
     if unknown:
         raise ValueError(f"unsupported ConceptNet relations {sorted(unknown)}; use {CONCEPTNET_RELATIONS}.")
+    thresholds = _weight_thresholds(weight_above, relations)
     http = http or HTTPClient(timeout=30.0, min_interval=1.0)
     cache = ResponseCache(cache_dir)
     per_class: dict[str, list[str]] = {name: [] for name in class_names}
@@ -406,10 +434,11 @@ def from_conceptnet(class_names: Sequence[str], *, relations: Sequence[str] = CO
             other = "start" if relation == "PartOf" else "end"
             for edge in edges:
                 target = edge.get(other) or {}
-                if edge.get("weight", 0) >= min_weight and target.get("language", "en") == "en" and target.get("label"):
+                above = thresholds[relation] is None or edge.get("weight", 0) > thresholds[relation]
+                if above and target.get("language", "en") == "en" and target.get("label"):
                     per_class[name].append(target["label"])
     provenance = {"generator": "conceptnet", "base_url": base_url, "relations": list(relations),
-                  "min_weight": min_weight, "skipped": skipped}
+                  "weight_above": thresholds, "limit": limit, "skipped": skipped}
     return Candidates(per_class, provenance)
 
 

@@ -209,10 +209,32 @@ def test_cav_input_errors():
     positives, negatives = synthetic(n_concepts=1)
     with pytest.raises(ValueError, match="same concepts"):
         learn_cavs(positives, {"other": negatives["c0"]})
-    with pytest.raises(ValueError, match="at least 2 positive"):
-        learn_cavs({"c0": positives["c0"][:1]}, negatives)
+    with pytest.raises(ValueError, match="at least 4 positive examples .* choose C"):
+        learn_cavs({"c0": positives["c0"][:3]}, negatives)
+    with pytest.raises(ValueError, match="at least 2 positive"):  # one C: nothing to choose
+        learn_cavs({"c0": positives["c0"][:1]}, negatives, cs=(0.1,))
+    assert len(learn_cavs({"c0": positives["c0"][:2]}, negatives, solver="fastcav")) == 1
+    with pytest.raises(ValueError, match="folds"):
+        learn_cavs(positives, negatives, folds=1)
     with pytest.raises(ValueError, match="empty"):
         learn_cavs({}, {})
+
+
+def test_reported_cav_accuracy_is_not_the_one_that_chose_c():
+    """On pure noise every CAV is at chance. Choosing C by the held-out accuracy and reporting that
+    same accuracy gave 0.552 on average here; the held-out part must be used neither to fit nor to
+    choose C, so its accuracy stays at chance, while the cross-validated accuracy that chose C is
+    the optimistic one and is labelled as such."""
+    g = torch.Generator().manual_seed(1)
+    positives = {f"c{k}": torch.randn(16, 8, generator=g) for k in range(200)}
+    negatives = {f"c{k}": torch.randn(16, 8, generator=g) for k in range(200)}
+    bank = learn_cavs(positives, negatives, cs=(1e-3, 1e-2, 0.1, 1.0), seed=0)
+    reported, selection = float(bank.stats["val_accuracy"].mean()), float(bank.stats["selection_accuracy"].mean())
+    assert abs(reported - 0.5) < 0.025, reported
+    assert selection > reported + 0.03, (selection, reported)
+    assert bank.provenance["C_selection"] == "3-fold cross-validation on the training part"
+    single = learn_cavs(positives, negatives, cs=(0.1,), seed=0)
+    assert single.stats["selection_accuracy"].isnan().all() and single.provenance["C_selection"] == "none"
 
 
 def test_cavs_from_labels_samples_negatives_and_reports_skips():

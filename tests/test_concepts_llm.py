@@ -77,6 +77,7 @@ class FakeServer:
                     edges = [{"start": {"label": node}, "end": {"label": f"{relation.lower()} thing", "language": "en"},
                               "weight": 1.5},
                              {"start": {"label": node}, "end": {"label": "weak edge", "language": "en"}, "weight": 0.5},
+                             {"start": {"label": node}, "end": {"label": "borderline", "language": "en"}, "weight": 1.0},
                              {"start": {"label": node}, "end": {"label": "voiture", "language": "fr"}, "weight": 3.0}]
                 self.reply(200, json.dumps({"edges": edges}).encode())
 
@@ -163,12 +164,47 @@ def test_rate_limit_spaces_requests(server, tmp_path):
 
 
 def test_conceptnet_relations_weights_and_languages(server, tmp_path):
-    result = from_conceptnet(["car"], relations=["HasA", "PartOf", "IsA"], base_url=server.url, min_weight=1.0,
+    """The default is Post-hoc CBM's filter: IsA edges must weigh more than 1 (strictly: the 1.0 edge
+    goes), the other relations keep every edge; English labels only."""
+    result = from_conceptnet(["car"], relations=["HasA", "PartOf", "IsA"], base_url=server.url,
                              cache_dir=tmp_path / "cn", http=HTTPClient(timeout=2), progress=False)
-    assert result.per_class["car"] == ["hasa thing", "wheel", "isa thing"]
+    assert result.per_class["car"] == ["hasa thing", "weak edge", "borderline", "wheel", "isa thing"]
     assert result.provenance["relations"] == ["HasA", "PartOf", "IsA"]
-    from_conceptnet(["car"], relations=["HasA", "PartOf", "IsA"], base_url=server.url, cache_dir=tmp_path / "cn",
-                    progress=False)
-    assert sum(v for k, v in server.requests.items() if k.startswith("conceptnet")) == 3
+    assert result.provenance["weight_above"] == {"HasA": None, "PartOf": None, "IsA": 1.0}
+    everywhere = from_conceptnet(["car"], relations=["HasA", "PartOf", "IsA"], base_url=server.url, weight_above=1.0,
+                                 cache_dir=tmp_path / "cn", progress=False)
+    assert everywhere.per_class["car"] == ["hasa thing", "wheel", "isa thing"]
+    assert sum(v for k, v in server.requests.items() if k.startswith("conceptnet")) == 3  # the rest from the cache
+    unfiltered = from_conceptnet(["car"], relations=["IsA"], base_url=server.url, weight_above=None,
+                                 cache_dir=tmp_path / "cn", progress=False)
+    assert unfiltered.per_class["car"] == ["isa thing", "weak edge", "borderline"]
     with pytest.raises(ValueError, match="unsupported"):
         from_conceptnet(["car"], relations=["Synonym"], base_url=server.url)
+    with pytest.raises(ValueError, match="unsupported ConceptNet relations"):
+        from_conceptnet(["car"], relations=["IsA"], weight_above={"Synonym": 1.0}, base_url=server.url)
+    with pytest.raises(ValueError, match="finite number"):
+        from_conceptnet(["car"], relations=["IsA"], weight_above=float("nan"), base_url=server.url)
+
+
+def test_cli_conceptnet_runs_the_reference_filter(server, tmp_path):
+    import argparse
+
+    from concepts.cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="cbm")
+    add_commands(parser.add_subparsers(dest="command"), load_encoder=None, load_embeddings=None)
+
+    def generate(*options):
+        out = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
+        args = parser.parse_args(["concepts", "generate", "conceptnet", "--classes", "car", "--relations", "HasA",
+                                  "IsA", "--base-url", server.url, "--cache-dir", str(tmp_path / "cn"), *options,
+                                  "--out", str(out)])
+        assert args.run(args) == 0
+        return json.loads(out.read_text())
+
+    assert generate()["classes"]["car"] == ["hasa thing", "weak edge", "borderline", "isa thing"]
+    assert generate("--weight-above", "1")["classes"]["car"] == ["hasa thing", "isa thing"]
+    assert generate("--weight-above", "HasA=0.7")["classes"]["car"] == [
+        "hasa thing", "borderline", "isa thing", "weak edge"]
+    with pytest.raises(ValueError, match="expects a number"):
+        generate("--weight-above", "IsA=high")

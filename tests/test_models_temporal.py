@@ -205,8 +205,8 @@ def test_interventions_on_concepts_windows_and_attention(world):
     model, test = world["model"], world["test"]
     base = model.decision_function(test)
     assert torch.equal(model.intervene(test), base)
-    # zeroing every window or every concept leaves only the classifier bias, spread evenly over time
-    assert not torch.allclose(model.intervene(test, drop_windows=list(range(12))), base)
+    with pytest.raises(ValueError, match="every window of video"):
+        model.intervene(test, drop_windows=list(range(12)))
     noisy = model.intervene(test, noise_concepts=["red"], noise_std=2.0, seed=1)
     assert torch.equal(noisy, model.intervene(test, noise_concepts=["red"], noise_std=2.0, seed=1))
     assert not torch.equal(noisy, base)
@@ -227,6 +227,59 @@ def test_interventions_on_concepts_windows_and_attention(world):
         model.explain(test, attention_mode="sideways")
     with pytest.raises(KeyError, match="unknown concept"):
         model.intervene(test, drop_concepts=["purple"])
+
+
+def test_dropped_windows_and_concepts_leave_the_decision(world):
+    """Drops act on the bottleneck: a dropped window is out of the pooling (the logits are the
+    pooling of the other windows' own logits), a dropped concept contributes exactly zero, noise
+    touches only its concept; the old input-stage zeroing failed all three."""
+    model, test = world["model"], world["test"].subset(range(40))
+    base = model.explain(test)
+    weight, red = model.weight_, CONCEPTS.index("red")
+
+    dropped = model.explain(test, drop_windows=[1, 2])
+    kept = test.valid.clone()
+    kept[:, 1:3] = False
+    others = (model.tau * base.window_logits).masked_fill(~kept[..., None], float("-inf"))
+    assert torch.allclose(dropped.logits, torch.logsumexp(others, 1) / model.tau, atol=1e-5)
+    assert torch.equal(dropped.kept, kept) and torch.equal(dropped.valid, test.valid)
+    assert dropped.concepts[:, 1:3].abs().sum() == 0 and dropped.time_importance[:, 1:3].abs().sum() == 0
+    assert torch.allclose(model.predict_from_concepts(dropped.concepts, dropped.kept), dropped.logits, atol=1e-5)
+    mask = torch.zeros_like(test.valid)
+    mask[:, 1:3] = True
+    assert torch.equal(model.intervene(test, drop_windows=mask), dropped.logits)
+
+    big = CONCEPTS.index("big")  # zeroing its standardised input left its bottleneck at 644 of 780
+    without = model.explain(test, drop_concepts=["big"])
+    assert without.concepts[..., big].abs().sum() == 0 and without.concept_importance[:, big].abs().sum() == 0
+    rest = [k for k in range(len(CONCEPTS)) if k != big]
+    assert torch.equal(without.concepts[..., rest], base.concepts[..., rest])
+    expected = base.window_logits - base.concepts[..., big, None] * weight[:, big]
+    assert torch.allclose(without.window_logits[test.valid], expected[test.valid], atol=1e-5)
+    assert base.concepts[..., big].abs().sum() > 1.0  # big mattered before the drop
+
+    noisy = model.explain(test, noise_concepts=["red"], noise_std=2.0, seed=1)
+    assert torch.equal(noisy.concepts[..., red + 1:], base.concepts[..., red + 1:])
+    assert (noisy.concepts[..., red] >= 0).all() and noisy.concepts[..., red][~test.valid].abs().sum() == 0
+    assert not torch.equal(noisy.concepts[..., red], base.concepts[..., red])
+
+
+def test_reference_architecture_preset_is_documented_and_builds_the_reference_net(world):
+    """Every preset entry differs from a default, is named in the module docstring, and builds the
+    reference's network: width-K input encoding, LayerNorm, width-1 query/key/value and feed-forward."""
+    import inspect
+
+    import cbm.models.temporal as temporal
+
+    defaults = {k: p.default for k, p in inspect.signature(TemporalCBM.__init__).parameters.items()}
+    assert set(temporal.REFERENCE_ARCHITECTURE) == {"positional", "norm", "head_dim", "hidden", "lr"}
+    for key, value in temporal.REFERENCE_ARCHITECTURE.items():
+        assert defaults[key] != value and f"``{key}=" in temporal.__doc__, key
+    model = TemporalCBM(world["bank"], epochs=2, **temporal.REFERENCE_ARCHITECTURE).fit(
+        world["train"].subset(range(40)), validation=world["val"].subset(range(20)))
+    net = model._network()
+    assert isinstance(net.norm1, torch.nn.LayerNorm) and net.q_weight.shape == (6, 1)
+    assert net.ffn_w1.shape == (6, 1) and not hasattr(net, "q_position")
 
 
 def test_reversed_attention_moves_order_predictions_towards_the_partner(world):

@@ -7,7 +7,8 @@ averaged per window). The model works on per-window embeddings ``[B, T, D]`` wit
 
 1. per-window concept activations ``max(0, cos(window, concept))``, standardised per concept with
    the training windows' mean and std;
-2. sinusoidal positional encoding (``d_model`` = number of concepts);
+2. a sinusoidal encoding of time (by default inside each concept's attention; the reference adds
+   it to the activations, ``positional="input"``, see below);
 3. one block of attention over time *separately for every concept* (queries, keys and values of a
    concept come from that concept's channel alone, so concepts never mix) with a learnable
    per-concept temperature, then a per-concept feed-forward layer, both with residuals;
@@ -25,16 +26,38 @@ weights clamped to be non-negative after every step) and keeps the epoch with th
 Explanations follow the paper: the time importance ``alpha_t = softmax_t(tau z_t[class])`` (the
 weights the LSE pooling gives each window), per-window contributions ``c_t[k] W[class, k]``, the
 global time-weighted contributions ``sum_t alpha_t c_t[k] W[class, k]`` (exact up to the pooling's
-entropy term, returned alongside) and the per-concept ``T x T`` attention maps. Interventions zero
-or perturb concepts or windows and replace the attention by identity, uniform, reversed or
-shuffled weights.
+entropy term, returned alongside) and the per-concept ``T x T`` attention maps. Interventions act on
+the bottleneck ``c_t``, as the reference's do: dropping a concept sets it to 0 (absent) in every
+window, noise perturbs it, dropping a window zeroes it and takes it out of the pooling; attention
+can be replaced by identity, uniform, reversed or shuffled weights.
 
-Departures from the reference, on purpose:
+Defaults that differ from the reference (``REFERENCE_ARCHITECTURE`` sets the reference's values:
+``TemporalCBM(bank, **REFERENCE_ARCHITECTURE)``):
+- ``positional="attention"``: each concept's queries and keys get their own projection of a shared
+  sinusoidal encoding of time (width ``position_dim`` = 8). The reference (``"input"``) adds a
+  width-K sinusoidal encoding to the standardised activations, so concept k's input carries the
+  k-th sinusoid, a different clock per concept, and the high channels barely change over time;
+- ``norm="concept"``: a learned per-concept scale and shift (no statistics: normalising one value
+  per channel would make it constant). The reference's LayerNorm over the concept axis
+  (``"layer"``) lets one concept's value change another's output, which breaks "concepts never
+  mix" and single-concept interventions;
+- ``head_dim=2`` (the reference's per-concept query/key/value width is 1);
+- ``hidden=4``: per-concept feed-forward width (the reference's grouped 1x1 convolutions have width 1);
+- ``lr=1e-2`` (the reference's AdamW uses 1e-3);
+- dropout sits on the encoding and on each residual branch (the reference also drops inside the
+  feed-forward layer); parameters are initialised near identity (query/key/value weights around 1,
+  classifier weights uniform in [0, 1/sqrt(K)]) rather than with PyTorch's defaults.
+
+Other departures, on purpose:
 - model selection and early stopping use the validation split (the reference selects on test);
   with no validation data a seeded 10% of the training videos is held out;
-- ``norm="concept"`` (default) normalises each concept channel on its own; the reference's
-  LayerNorm over the concept axis (``norm="layer"``) lets one concept's value change another's
-  output, which breaks "concepts never mix" and single-concept interventions;
+- a dropped window is left out of the log-sum-exp pooling; the reference only zeroes its concepts,
+  so its bias-only logit ``b`` still enters the pooling and the decision;
+- ``noise_concepts`` adds seeded Gaussian noise to the bottleneck and clips at 0 (the reference's
+  noise insertion replaces the channel by noise);
+- ``attention="mixing"`` is this module's block with multi-head attention in place of the
+  per-concept one (pre-norm, per-concept feed-forward, ``heads`` default 1), not the reference's
+  ``FullAttentionTemporalBlock`` (post-norm, 4K-wide feed-forward that mixes concepts);
 - cosines use the bank vectors' directions for any bank kind (CAV intercepts are ignored).
 """
 
@@ -74,6 +97,11 @@ from concepts.bank import ConceptBank
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("identity", "uniform", "reversed", "shuffled")
+
+#: The reference implementation's architecture and learning rate, where this module's defaults
+#: differ (see the module docstring): ``TemporalCBM(bank, **REFERENCE_ARCHITECTURE)``.
+REFERENCE_ARCHITECTURE: dict[str, Any] = {"positional": "input", "norm": "layer", "head_dim": 1, "hidden": 1,
+                                          "lr": 1e-3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +295,8 @@ def sinusoidal_encoding(length: int, width: int, base: float = 10000.0) -> torch
 
 
 class ConceptNorm(nn.Module):
-    """Normalise each concept channel on its own (no statistics shared across concepts)."""
+    """A learned scale and shift per concept channel: the per-concept stand-in for LayerNorm (no
+    statistics, none shared across concepts)."""
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -408,7 +437,8 @@ class TemporalExplanation:
     padding); ``window_contributions`` [B, T, K] (``c_t[k] W[pred, k]``);
     ``concept_importance`` [B, K] (``sum_t alpha_t c_t[k] W[pred, k]``); ``entropy_term`` [B]
     (so that ``logit[pred] = concept_importance.sum(-1) + bias[pred] + entropy_term``);
-    ``attention`` [B, K, T, T] per concept (``[B, heads, T, T]`` for mixing attention).
+    ``attention`` [B, K, T, T] per concept (``[B, heads, T, T]`` for mixing attention);
+    ``kept`` [B, T] (the windows in the decision: ``valid`` minus any dropped windows).
     """
 
     logits: torch.Tensor
@@ -422,6 +452,7 @@ class TemporalExplanation:
     concept_importance: torch.Tensor
     entropy_term: torch.Tensor
     attention: torch.Tensor
+    kept: torch.Tensor
 
     def most_important_window(self) -> torch.Tensor:
         """Index of the window with the largest time importance, per video [B]."""
@@ -549,25 +580,29 @@ class TemporalCBM(ConceptBottleneckModel):
         trimmed to its longest video), so padding costs little; results do not depend on the
         batch. ``return_attention=False`` leaves ``attention`` empty (it is [B, K, T, T]).
 
-        Input-stage interventions (before the temporal block, as in the reference): ``drop_concepts``
-        zeroes concept activations, ``noise_concepts`` adds Gaussian noise (``noise_std``, seeded),
-        ``drop_windows`` zeroes whole windows (a [B,T] bool mask, or window indices for every
-        video). ``attention_mode`` replaces the attention weights (identity, uniform, reversed:
-        window t reads the values of window L-1-t's keys, shuffled: keys permuted at random).
-        ``values`` sets bottleneck concepts (``{name: value}`` for every window, or
-        ``(mask [B,T,K], values [B,T,K])``).
+        Bottleneck interventions (after the temporal block, where the reference applies them):
+        ``drop_concepts`` sets those per-window concepts to 0 (absent), so their contribution is
+        exactly zero; ``noise_concepts`` adds Gaussian noise (``noise_std``, seeded) to those
+        concepts, clipped at 0 as the bottleneck is non-negative; ``drop_windows`` (a [B,T] bool
+        mask, or window indices for every video) zeroes whole windows and leaves them out of the
+        pooling and the time importance (``kept`` of the result), so the logits are those of the
+        other windows alone (the other windows' concepts were computed with the dropped ones in
+        view, as in the reference; for the video without a window pass the shorter sequence).
+        ``values`` then sets bottleneck concepts (``{name: value}`` for every window, or
+        ``(mask [B,T,K], values [B,T,K])``). ``attention_mode`` replaces the attention weights
+        (identity, uniform, reversed: window t reads the values of window L-1-t's keys, shuffled:
+        keys permuted at random).
         """
         features, valid, _ = self._sequences(x)
         generator = torch.Generator().manual_seed(seed)
+        drop_columns = [self.concept_index(name) for name in drop_concepts]
+        noise_columns = [self.concept_index(name) for name in noise_concepts]
+        kept = valid if drop_windows is None else valid & ~self._window_mask(drop_windows, valid)
+        emptied = (~kept.any(1)).nonzero().flatten().tolist()
+        if emptied:
+            raise ValueError(f"drop_windows removes every window of video(s) {emptied[:5]}; keep at least one "
+                             "window per video (a video with no window has no prediction).")
         activations = self._standardise(self._cosines(features, valid), valid)
-        for name in drop_concepts:
-            activations[..., self.concept_index(name)] = 0.0
-        for name in noise_concepts:
-            column = self.concept_index(name)
-            noise = torch.randn(valid.shape, generator=generator) * float(noise_std)
-            activations[..., column] = (activations[..., column] + noise) * valid
-        if drop_windows is not None:
-            activations = activations * ~self._window_mask(drop_windows, valid)[..., None]
         net = self._network()
         b, t = valid.shape
         with torch.no_grad():
@@ -581,18 +616,23 @@ class TemporalCBM(ConceptBottleneckModel):
                 concepts[rows, :width] = part
                 if return_attention:
                     attention[rows, :, :width, :width] = weights
+            concepts[..., drop_columns] = 0.0
+            for column in noise_columns:
+                noise = torch.randn(valid.shape, generator=generator) * float(noise_std)
+                concepts[..., column] = (concepts[..., column] + noise).clamp_min(0.0) * valid
+            concepts = concepts * kept[..., None]
             if values is not None:
-                concepts = self._set_concepts(concepts, valid, values)
-            logits, window_logits = net.head(concepts, valid, self.tau)
+                concepts = self._set_concepts(concepts, kept, values)
+            logits, window_logits = net.head(concepts, kept, self.tau)
         prediction = logits.argmax(1)
         chosen = window_logits.gather(2, prediction[:, None, None].expand(-1, window_logits.shape[1], 1))[..., 0]
-        alpha = torch.softmax((self.tau * chosen).masked_fill(~valid, float("-inf")), dim=1)
+        alpha = torch.softmax((self.tau * chosen).masked_fill(~kept, float("-inf")), dim=1)
         weights = net.classifier.weight.detach()[prediction]  # [B, K]
         per_window = concepts * weights[:, None, :]
         importance = (alpha[..., None] * per_window).sum(1)
         entropy = -(alpha * torch.log(alpha.clamp_min(1e-30))).sum(1) / self.tau
         return TemporalExplanation(logits, window_logits, concepts, activations, valid, prediction, alpha,
-                                   per_window, importance, entropy, attention)
+                                   per_window, importance, entropy, attention, kept)
 
     @staticmethod
     def _window_mask(windows: Any, valid: torch.Tensor) -> torch.Tensor:
@@ -1048,6 +1088,7 @@ def localisation_hits(windows: torch.Tensor, spans: torch.Tensor,
 
 __all__ = [
     "ATTENTION_MODES",
+    "REFERENCE_ARCHITECTURE",
     "TemporalCBM",
     "TemporalExplanation",
     "TemporalNet",
