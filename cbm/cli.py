@@ -158,9 +158,12 @@ def _embed_for(backbone_spec: str, data: str, args: argparse.Namespace, fingerpr
     return backbone, embed(backbone, dataset, cache_dir=args.cache_dir, batch_size=getattr(args, "batch_size", 64))
 
 
-def _bank_for(source: str, backbone, train):
-    """A concept bank from a folder, the training data's concept labels (CAVs) or the toy vocabulary."""
-    from concepts import ConceptBank
+def _bank_for(source: str, backbone, train, templates: Sequence[str] | None = None):
+    """A concept bank from a folder, the training data's concept labels (CAVs) or the toy vocabulary; or,
+    from a candidates file (a class -> concepts JSON such as LaBo's class2concepts.json, a YAML or a .txt
+    list), the Candidates themselves: labo selects from them on its own training rows, the other
+    families encode all of them with ``templates``."""
+    from concepts import ConceptBank, from_list
 
     from cbm.demo import label_cav_bank, toy_text_bank
 
@@ -173,6 +176,8 @@ def _bank_for(source: str, backbone, train):
         if not backbone.is_vision_language:
             raise ValueError("--concepts toy builds a text bank and needs a vision-language backbone such as toy:clip.")
         return toy_text_bank(backbone)
+    if Path(source).is_file():
+        return from_list(source)
     return ConceptBank.load(source)
 
 
@@ -201,13 +206,23 @@ def _require_text_bank(args: argparse.Namespace, bank) -> None:
                          "`cbm concepts select`); CAVs (--concepts labels) are for posthoc.")
 
 
-def _fit_labo(args: argparse.Namespace, bank, train, validation):
+def _fit_labo(args: argparse.Namespace, bank, train, validation, backbone=None):
+    from concepts import Candidates, select_concepts
+
     from cbm.demo import toy_language_prior
     from cbm.models import LaBoCBM, few_shot
 
-    _require_text_bank(args, bank)
     shots = args.shots if args.shots == "all" else int(args.shots)
     subset = few_shot(train, shots, seed=args.seed)
+    if isinstance(bank, Candidates):  # the few-shot model's concepts are chosen on its few-shot rows only
+        bank = select_concepts(bank, backbone, subset.features, subset.labels, subset.class_names, k=args.k,
+                               templates=args.templates, backbone=subset.backbone_fingerprint)
+    _require_text_bank(args, bank)
+    selected_on = bank.provenance.get("selection", {}).get("samples")
+    if selected_on is not None and selected_on > len(subset):
+        logger.warning("the bank's concepts were selected on %d training samples but LaBo trains on %d (%s shots): "
+                       "the selection saw labels the few-shot model must not; pass the candidates file as --concepts "
+                       "so that they are selected on the few-shot rows.", selected_on, len(subset), args.shots)
     options = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
     prior = toy_language_prior() if args.concepts == "toy" else None
     model = LaBoCBM(bank, prior=prior, normalize=not args.raw_features, seed=args.seed, **options,
@@ -262,24 +277,34 @@ FIT_FAMILIES = {"posthoc": _fit_posthoc, "labo": _fit_labo, "sparse": _fit_spars
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit a concept bottleneck model on embeddings of a dataset and save it as a bundle."""
+    from concepts import ConceptBank
+
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it.")
     backbone, train = _embed_for(args.backbone, args.data, args)
     validation = _embed_for(args.backbone, args.val, args)[1] if args.val else None
-    bank = _bank_for(args.concepts, backbone, train)
-    model, summary = FIT_FAMILIES[args.family](args, bank, train, validation)
+    bank = _bank_for(args.concepts, backbone, train, args.templates)
+    if args.family == "labo":
+        model, summary = _fit_labo(args, bank, train, validation, backbone)
+    else:
+        if not isinstance(bank, ConceptBank):  # candidates: every one of them, encoded with --templates
+            bank = ConceptBank.from_text(bank.concepts(), backbone, templates=args.templates)
+        model, summary = FIT_FAMILIES[args.family](args, bank, train, validation)
     model.save(out)
     print(f"fitted {summary}; saved {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Accuracy of a saved model on a dataset (embedded with the model's own backbone)."""
+    """Accuracy of a saved model on a dataset (embedded with the model's own backbone); the data's classes
+    are matched to the model's by name."""
+    from cbm.embed import match_classes
     from cbm.models import load
 
     model = load(args.model)
     _, data = _embed_for(model.backbone_spec_, args.data, args, model.backbone_fingerprint_)
+    data = match_classes(data, model.class_names)
     result = {"model": args.model, "data": args.data, "samples": len(data), "accuracy": model.score(data)}
     print(json.dumps(result, indent=2) if args.json else
           f"{args.model} on {args.data}: accuracy {result['accuracy']:.4f} over {len(data)} samples")
@@ -386,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", help="also write features + labels to this .safetensors file (ids in a .json beside)")
     emb.set_defaults(run=cmd_embed)
 
+    from concepts.bank import DEFAULT_TEMPLATES
     from concepts.cli import add_commands as add_concept_commands
     add_concept_commands(commands, load_encoder=_load_encoder, load_embeddings=_load_labelled_embeddings)
 
@@ -396,8 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", required=True, help="training dataset spec, e.g. toy:images@train")
     fit.add_argument("--val", help="validation dataset spec (default: hold out 10%% of the training data)")
     fit.add_argument("--concepts", required=True,
-                     help="a concept bank folder; 'labels' for CAVs from the data's concept labels; "
-                          "'toy' for the toy world's vocabulary as a text bank")
+                     help="a concept bank folder; a candidates file (class -> concepts JSON such as LaBo's "
+                          "class2concepts.json, YAML or a .txt list: labo selects --k per class on its --shots "
+                          "training rows, the others use them all); 'labels' for CAVs from the data's concept "
+                          "labels; 'toy' for the toy world's vocabulary as a text bank")
+    fit.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), metavar="TEMPLATE",
+                     help="prompt templates with {} that candidate concepts are encoded with, averaged "
+                          f"(default: {' | '.join(DEFAULT_TEMPLATES)})")
     fit.add_argument("--out", required=True, help="the model bundle to write (e.g. model.cbm)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--window", type=int, help="video datasets: frames per window")
@@ -412,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "epoch and stops early)")
     trained.add_argument("--lr", type=float, help="learning rate (labo 0.05, sparse 1e-3, temporal 1e-2)")
     trained.add_argument("--shots", default="all", help="labo: N training samples per class drawn with --seed "
-                                                        "(1, 2, 4, 8, 16 or all); validation stays full")
+                                                        "(1, 2, 4, 8, 16 or all); validation stays full; concepts "
+                                                        "from a candidates file are selected on these rows only")
+    trained.add_argument("--k", type=int, default=10, help="labo with a candidates file: concepts selected per "
+                                                           "class (default 10)")
     trained.add_argument("--raw-features", action="store_true",
                          help="labo: the paper's raw (unnormalised) features x100; needs --lr 1e-4 and thousands of "
                               "--epochs")

@@ -102,6 +102,29 @@ class Embeddings:
                        concept_labels=None if self.concept_labels is None else self.concept_labels[tensor_index])
 
 
+def match_classes(data: Embeddings, class_names: Sequence[str]) -> Embeddings:
+    """``data`` with its labels renumbered into the order of ``class_names`` (a model's classes), matched by
+    name, so data holding some of the model's classes, or the same ones in another order, is scored against
+    the right classes. Data without class names is returned as is (positional); a ValueError names the
+    data's classes that ``class_names`` lacks."""
+    names, known = list(data.class_names or []), list(class_names)
+    if not names or names == known:
+        return data
+    labels = torch.as_tensor(data.labels).long()
+    used = sorted(set(labels[labels >= 0].tolist()))
+    if used and used[-1] >= len(names):
+        raise ValueError(f"labels go up to {used[-1]} but the data names only {len(names)} classes.")
+    index = {name: i for i, name in enumerate(known)}
+    unknown = [names[i] for i in used if names[i] not in index]
+    if unknown:
+        raise ValueError(f"the data has classes the model does not know: {', '.join(unknown[:10])}"
+                         f"{' ...' if len(unknown) > 10 else ''} (the model's classes: {', '.join(known[:10])}"
+                         f"{' ...' if len(known) > 10 else ''}).")
+    lookup = torch.tensor([index.get(name, -1) for name in names], dtype=torch.long)
+    remapped = torch.where(labels >= 0, lookup[labels.clamp_min(0)], labels)
+    return replace(data, labels=remapped.to(torch.as_tensor(data.labels).dtype), class_names=known)
+
+
 class _Preprocessed(Dataset):
     """Loads and preprocesses samples in DataLoader workers; ``None`` marks a skipped sample."""
 

@@ -39,12 +39,13 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from cbm.embed import Embeddings, match_classes
 from cbm.models.base import ConceptBottleneckModel
 from cbm.models.temporal import VideoSequences
 from explain import metrics, plots, video
 from explain.core import DataLike, EvalData, ModelView, VideoView, make_view
 from explain.explanations import Importance, concept_effects, explain_samples, global_importance
-from explain.interventions import intervention_curves
+from explain.interventions import POLICY_LABELS, intervention_curves
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,8 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequen
     shifted split, else of ``data``. ``gates``: ``{metric: lower bound}`` (see ``GATE_METRICS``).
     Temporal models take window Embeddings of a video dataset or VideoSequences; ``events``: per
     video id, the frame spans of its ground-truth events (default: from ``images`` when it knows them).
+    The classes of Embeddings are matched to the model's by name (:func:`cbm.embed.match_classes`; data
+    with classes the model does not know is an error naming them).
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -253,6 +256,8 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequen
         stages.update(1)
         return time.perf_counter()
 
+    data, train, shift = (match_classes(split, model.class_names) if isinstance(split, Embeddings) else split
+                          for split in (data, train, shift))
     view = make_view(model, data, data_name)
     if view.data.labels is None:
         raise ValueError("an audit needs class labels in the data.")
@@ -332,7 +337,7 @@ def _image_sections(report: dict[str, Any], view: ModelView, train_view: ModelVi
                     competences: Sequence[float], max_samples: int, examples: int, stage: Stage,
                     now: float) -> tuple[dict[str, Figure], dict[str, float | None], float]:
     """Explained samples, intervention curves and suspects into ``report``; their figures and the
-    oracle's gain for the summary."""
+    greedy oracle's gain for the summary."""
     explained = explain_samples(view, rows=_pick_samples(view, examples), k=5)
     report["samples"] = [{**e.to_dict(), "thumbnail": _thumbnail(images, e.id)} for e in explained]
     now = stage("explained samples", now)
@@ -569,6 +574,9 @@ def _html_samples(page: _Page, report: dict[str, Any], svgs: Mapping[str, str]) 
                            f"&rarr; {page.num('samples', i, 'counterfactual', 'changes', j, 'after')}"
                            for j, c in enumerate(cf["changes"])) if cf else ""
         outcome = (f"would become <b>{_text(cf['new'])}</b>" if cf and cf["flipped"] else "no flip found")
+        if cf:
+            outcome += (" (exact search: no smaller set flips it)" if cf["search"] == "exact" and cf["changes"] else
+                        " (exact search)" if cf["search"] == "exact" else " (greedy search: a smaller set may exist)")
         page.add(f"<div class='sample{' wrong' if wrong else ''}'>{image}<b>{_text(sample['id'])}</b><br>"
                  f"true <b>{_text(sample['true'])}</b>, predicted <b>{_text(sample['predicted'])}</b> "
                  f"(p = {page.num('samples', i, 'probability')})"
@@ -602,10 +610,13 @@ def _html_interventions(page: _Page, report: dict[str, Any], svgs: Mapping[str, 
     curves = report["interventions"]
     page.add(f"<p class='note'>Truth: <span>{_text(curves['truth'])}</span>; {page.num('interventions', 'samples')} "
              f"samples; <span>{_text(curves['interval'])}</span>.</p>")
+    page.add("<ul class='note'>" + "".join(f"<li><b>{_text(POLICY_LABELS.get(policy, policy))}</b>: "
+                                           f"{_text(text)}</li>" for policy, text in curves["policies"].items())
+             + "</ul>")
     page.add(svgs["interventions"])
     last = max(curves["counts"])
     page.table(["policy", "expert competence", "concepts corrected", "accuracy", "interval"], [
-        [_text(row["policy"]), page.num("interventions", "rows", i, "competence"),
+        [_text(POLICY_LABELS.get(row["policy"], row["policy"])), page.num("interventions", "rows", i, "competence"),
          page.num("interventions", "rows", i, "concepts"), page.num("interventions", "rows", i, "accuracy"),
          f"{page.num('interventions', 'rows', i, 'ci_low')} – {page.num('interventions', 'rows', i, 'ci_high')}"]
         for i, row in enumerate(curves["rows"]) if row["concepts"] in (0, min(5, last), last)])

@@ -124,9 +124,10 @@ def cmd_tcav(args: argparse.Namespace) -> int:
         concept_data=embedder.dataset(args.concept_data) if args.concept_data else None,
         random_data=embedder.dataset(args.random) if args.random else None, examples=args.examples,
         random_concepts=args.random_concepts, runs=args.runs, pooling=args.pooling, solver=args.solver,
-        alpha=args.alpha, seed=args.seed, progress=not args.quiet)
-    print(f"TCAV at {report.settings['layer']} ({args.runs} CAVs per concept, {args.random_concepts} random concepts, "
-          f"alpha {args.alpha}, Holm over {len(report.results)} pairs)")
+        negatives=args.negatives, alpha=args.alpha, seed=args.seed, progress=not args.quiet)
+    print(f"TCAV at {report.settings['layer']} ({args.runs} CAVs per concept, solver {report.settings['solver']}, "
+          f"{report.settings['negatives']} negatives, {args.random_concepts} random concepts, alpha {args.alpha}, "
+          f"Holm over {len(report.results)} pairs)")
     print(f"{'concept':<24} {'class':<20} {'score':>6} {'random':>13} {'CAV acc':>8} {'p (Holm)':>9}  verdict")
     for r in report.results:
         spread = f"{r.random_mean:.2f} ± {float(np.std(r.random_scores)):.2f}"
@@ -179,13 +180,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tcav.add_argument("--concept", nargs="+", required=True, metavar="CONCEPT", help="concepts to test")
     tcav.add_argument("--concept-data", metavar="DATASET",
                       help="concept examples, one class folder per concept (e.g. folder:/data/concepts)")
-    tcav.add_argument("--random", metavar="DATASET", help="random examples (default: the rest of --data)")
+    tcav.add_argument("--random", metavar="DATASET", help="random examples (default: the rest of --data); "
+                      "(--runs + --random-concepts) x --examples of them with independent negatives")
     tcav.add_argument("--examples", type=int, default=20, help="examples per class and per concept (default 20)")
     tcav.add_argument("--random-concepts", type=int, default=20, help="random concepts of the baseline (default 20)")
     tcav.add_argument("--runs", type=int, default=10, help="CAVs per concept, each against fresh negatives (default 10)")
     tcav.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
                       help="conv activations: mean over positions (default) or flattened as in the TCAV paper")
-    tcav.add_argument("--solver", choices=["fastcav", "torch", "sklearn"], default="fastcav", help="CAV learner")
+    tcav.add_argument("--solver", choices=["fastcav", "torch", "sklearn"], default="fastcav",
+                      help="CAV learner: fastcav (mean-difference direction, default), torch or sklearn (logistic "
+                           "regression, as in the TCAV paper)")
+    tcav.add_argument("--negatives", choices=["independent", "shared"], default="independent",
+                      help="independent (default, as Kim et al.): a fresh set of random negatives per run; shared: "
+                           "each run's negatives drawn from one pool of 2 x --examples (fewer random images)")
     tcav.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm (default 0.05)")
     tcav.add_argument("--seed", type=int, default=0, help="seed of the example draws and CAVs (default 0)")
     tcav.add_argument("--out", help="folder for tcav.json and tcav.png")

@@ -204,7 +204,9 @@ class ModelView:
         """Logits of samples ``rows`` (indices, repeats allowed) with concepts replaced by ``changed`` [R, K]."""
         if self.additive:
             return self._head(changed) + self.offset[rows]
-        mask = torch.ones_like(changed, dtype=torch.bool)
+        # fix only the concepts that differ from the model's own: families whose other concepts respond
+        # (ECBM) re-infer those, and a row with nothing changed is the model's prediction itself
+        mask = changed != self.concepts[rows]
         return torch.cat([self.model.intervene(self.data.features[index], (mask[start:start + len(index)],
                                                                            changed[start:start + len(index)])).detach()
                           for start, index in zip(range(0, len(rows), BATCH_ROWS), rows.split(BATCH_ROWS))]).float()
@@ -278,10 +280,25 @@ class VideoView:
 
 def make_view(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequences,
               name: str | None = None) -> ModelView | VideoView:
-    """A VideoView for a temporal model (window Embeddings or VideoSequences), else a ModelView."""
+    """A VideoView for a temporal model (window Embeddings or VideoSequences), else a ModelView; a TypeError
+    naming the object when it is not a concept bottleneck model (e.g. a baseline without concepts)."""
+    if not isinstance(model, ConceptBottleneckModel):
+        raise TypeError(f"{type(model).__name__} is not a concept bottleneck model (it has no concepts to explain); "
+                        "explain works on the families of cbm.models (PosthocCBM, LaBoCBM, SparseCBM, EnergyCBM, "
+                        "TemporalCBM).")
     if isinstance(model, TemporalCBM):
         return VideoView(model, data, name or "data")
     return ModelView(model, as_data(data, name))
+
+
+def concept_view(view: ModelView | VideoView, purpose: str) -> ModelView:
+    """``view`` itself when it supports concept-level interventions (every image family), else a TypeError
+    naming the family and saying what to use instead."""
+    if isinstance(view, VideoView):
+        raise TypeError(f"{purpose} is not available for {type(view.model).__name__} (video) models: their concepts are "
+                        "per window, so a video-level concept change is not defined; use model.intervene(x, values, "
+                        "drop_concepts=..., drop_windows=...) or the audit's attention and zeroed-concept sections.")
+    return view
 
 
 def concept_bounds(view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:

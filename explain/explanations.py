@@ -1,20 +1,25 @@
-"""Per-sample and global explanations, and greedy counterfactuals, for any model family.
+"""Per-sample and global explanations, and smallest counterfactuals, for any model family.
 
 Every function takes a fitted model and data (an Embeddings, or ``(x, y[, concept_labels])``), or
 a :class:`~explain.core.ModelView` that already holds both, so a report computes the model's
 outputs once. Contributions come from ``model.contributions`` (exact decompositions for linear
 heads); what they do not explain (bias, residual, non-linear parts) is reported as ``rest``.
+Counterfactuals are exact (the smallest set of concept changes) up to 3 changes where the number of
+candidate sets fits a budget, and greedy beyond; each result says which search produced it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from cbm.models.base import ConceptBottleneckModel
-from explain.core import DataLike, EvalData, ModelView, VideoView, concept_bounds, make_view
+from explain.core import DataLike, EvalData, ModelView, VideoView, concept_bounds, concept_view, make_view
+
+BATCH_CELLS = 4_000_000  # concept values per batch of candidate sets in the exact counterfactual search
 
 
 def view_of(model: ConceptBottleneckModel | ModelView | VideoView,
@@ -38,18 +43,33 @@ class Change:
 
 @dataclass
 class Counterfactual:
-    """The concept changes (in the order found) that move a prediction to another class."""
+    """The concept changes that move a prediction to another class, and how they were found.
+
+    ``search`` is "exact" when no smaller set of changes flips the prediction (or, with no changes, when
+    no set of up to ``max_changes`` does), "greedy" when the set was grown one change at a time and a
+    smaller one may exist; sets of up to ``exact_up_to`` changes were searched exhaustively either way.
+    """
 
     original: str
     new: str
     flipped: bool
     changes: list[Change] = field(default_factory=list)
+    search: str = "greedy"
+    exact_up_to: int = 0
+    max_changes: int = 8
 
     def describe(self) -> str:
         if not self.changes:
+            if self.search == "exact":
+                return f"no set of up to {self.max_changes} concept changes flips it (exact search)"
             return "no counterfactual found"
         steps = "; ".join(f"{c.concept} {c.before:.2f} -> {c.after:.2f}" for c in self.changes)
-        return f"{steps} => {self.new}" + ("" if self.flipped else " (not flipped)")
+        if self.search == "exact":
+            how = "exact search: no smaller set flips it"
+        else:
+            searched = f"no set of up to {self.exact_up_to} flips it, " if self.exact_up_to else ""
+            how = f"greedy search: {searched}a smaller set may exist"
+        return f"{steps} => {self.new}" + ("" if self.flipped else " (not flipped)") + f" ({how})"
 
 
 @dataclass
@@ -158,7 +178,7 @@ def concept_effects(model: ConceptBottleneckModel | ModelView, data: DataLike | 
     Unlike :func:`global_importance` this does not depend on how concepts and classes co-occur in the
     data, so a spurious weight shows even on data where the spurious correlation is gone.
     """
-    view = view_of(model, data)
+    view = concept_view(view_of(model, data), "concept effects")
     rows = torch.arange(len(view.data))
     if max_samples is not None and len(rows) > max_samples:
         rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:max_samples].sort().values
@@ -175,46 +195,127 @@ def concept_effects(model: ConceptBottleneckModel | ModelView, data: DataLike | 
     return sums / torch.bincount(groups[rows], minlength=n_classes).clamp_min(1)[:, None].float()
 
 
-def counterfactual(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None, *,
-                   row: int = 0, target: str | None = None, max_changes: int = 8) -> Counterfactual:
-    """Greedy smallest set of concept changes that flips the prediction of sample ``row``.
+#: Most changes the exact counterfactual search tries (sets of 1..3 concepts, each at its "low" or "high").
+EXACT_MAX_CHANGES = 3
+#: Default most candidate change sets the exact search evaluates per sample (about 33 concepts at 3 changes).
+EXACT_BUDGET = 50_000
 
-    Each step tries every unchanged concept at its "low" and its "high" value (the family's
-    references, else data percentiles) and keeps the change that most raises the target class
-    (default: any other class) over the rest; it stops as soon as the prediction flips.
-    """
-    view = view_of(model, data)
-    (row,) = view.check_rows([row])
-    low, high = concept_bounds(view)
-    original = int(view.predictions[row])
-    goal = None if target is None else view.model.class_index(target)
+
+def exact_search_depth(n_concepts: int, max_changes: int, budget: int) -> int:
+    """The largest set size ``s <= min(3, max_changes)`` whose exhaustive search, all sets of 1..s concepts
+    each at one of its two values (sum of C(K, i) 2^i), costs at most ``budget`` evaluations (0: none fits)."""
+    depth, cost = 0, 0
+    for size in range(1, min(EXACT_MAX_CHANGES, max_changes) + 1):
+        cost += math.comb(n_concepts, size) * 2 ** size
+        if cost > budget:
+            break
+        depth = size
+    return depth
+
+
+def _flip_margin(logits: torch.Tensor, original: int, goal: int | None) -> torch.Tensor:
+    """> 0 where the prediction has left ``original`` (``goal`` None) or become ``goal``; [M, C] -> [M]."""
+    others = logits.clone()
+    if goal is None:
+        others[:, original] = -torch.inf
+        return others.max(dim=1).values - logits[:, original]
+    others[:, goal] = -torch.inf
+    return logits[:, goal] - others.max(dim=1).values
+
+
+def _exact_counterfactual(view: ModelView, row: int, options: torch.Tensor, original: int, goal: int | None,
+                          depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The smallest set of at most ``depth`` changes that flips sample ``row`` (the largest margin among the
+    smallest), as (columns, values, logits), or None. Every set of each size is evaluated in batches through
+    ``view.intervened_logits``; ``options`` [2, K] are each concept's "low" and "high" values."""
+    current = view.concepts[row]
+    n_concepts = len(current)
+    for size in range(1, depth + 1):
+        combos = torch.combinations(torch.arange(n_concepts), size) if size > 1 else torch.arange(n_concepts)[:, None]
+        choices = torch.cartesian_prod(*[torch.arange(2)] * size).view(-1, size)  # which of the two values, per slot
+        best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for chunk in combos.split(max(1, BATCH_CELLS // (n_concepts * len(choices)))):
+            columns = chunk.repeat_interleave(len(choices), dim=0)  # [M, size]
+            values = options[choices.repeat(len(chunk), 1), columns]
+            changed = current.expand(len(columns), n_concepts).clone().scatter_(1, columns, values)
+            logits = view.intervened_logits(torch.full((len(columns),), row), changed)
+            margin = _flip_margin(logits, original, goal)
+            margin[((values - current[columns]).abs() < 1e-9).any(dim=1)] = -torch.inf  # a "change" to its own value
+            pick = int(margin.argmax())
+            if margin[pick] > 0 and (best is None or float(margin[pick]) > best[0]):
+                best = (float(margin[pick]), columns[pick], values[pick], logits[pick])
+        if best is not None:
+            return best[1], best[2], best[3]
+    return None
+
+
+def _greedy_counterfactual(view: ModelView, row: int, options: torch.Tensor, original: int, goal: int | None,
+                           max_changes: int) -> tuple[list[tuple[int, float]], torch.Tensor]:
+    """Greedy changes (column, value) and the final logits: each step keeps the single change that most
+    raises the margin, and it stops as soon as the prediction flips."""
     current = view.concepts[row].clone()
     free = torch.ones(len(current), dtype=torch.bool)
-    candidates = torch.cat([low, high])
+    candidates = options.reshape(-1)
     columns = torch.arange(len(current)).repeat(2)
     index = torch.tensor([row])
-    changes: list[Change] = []
+    changes: list[tuple[int, float]] = []
     logits = view.logits[row]
     for _ in range(max_changes):
-        logits_all = torch.cat([view.single_change_logits(index, current[None], bound[None])[0] for bound in (low, high)])
-        others = logits_all.clone()
-        if goal is None:
-            others[:, original] = -torch.inf
-            margin = others.max(dim=1).values - logits_all[:, original]
-        else:
-            others[:, goal] = -torch.inf
-            margin = logits_all[:, goal] - others.max(dim=1).values
+        logits_all = torch.cat([view.single_change_logits(index, current[None], bound[None])[0] for bound in options])
+        margin = _flip_margin(logits_all, original, goal)
         margin[~free.repeat(2) | ((candidates - current[columns]).abs() < 1e-9)] = -torch.inf
         best = int(margin.argmax())
         if not torch.isfinite(margin[best]):
             break
         column = int(columns[best])
-        changes.append(Change(view.concept_names[column], float(current[column]), float(candidates[best])))
+        changes.append((column, float(candidates[best])))
         current[column] = candidates[best]
         free[column] = False
         logits = logits_all[best]
         if margin[best] > 0:
             break
+    return changes, logits
+
+
+def counterfactual(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None, *,
+                   row: int = 0, target: str | None = None, max_changes: int = 8,
+                   exact_budget: int = EXACT_BUDGET) -> Counterfactual:
+    """A smallest set of concept changes that flips the prediction of sample ``row`` (to ``target``, default:
+    to any other class); each changed concept goes to its "low" or "high" value (the family's
+    references, else data percentiles).
+
+    Exact where affordable: every set of 1, 2, then 3 changes (at most ``max_changes``) is tried, in batches,
+    as long as the number of sets stays within ``exact_budget`` per sample (with two values per concept,
+    3 changes fit for up to 33 concepts, 2 changes for up to 158); the flip with the largest margin among
+    the smallest sets is returned (``search="exact"``). When no set that small flips it, or the budget
+    allows no exact search, a greedy search follows (``search="greedy"``): each step keeps the change
+    that most raises the target class over the rest, until the prediction flips or ``max_changes``.
+    ``exact_up_to`` says up to which size no smaller set was missed.
+    """
+    if isinstance(max_changes, bool) or not isinstance(max_changes, int) or max_changes < 1:
+        raise ValueError(f"max_changes must be a positive integer, got {max_changes!r}.")
+    if isinstance(exact_budget, bool) or not isinstance(exact_budget, int) or exact_budget < 0:
+        raise ValueError(f"exact_budget must be a non-negative integer (0: greedy only), got {exact_budget!r}.")
+    view = concept_view(view_of(model, data), "counterfactual")
+    (row,) = view.check_rows([row])
+    options = torch.stack(concept_bounds(view))  # [2, K]: "low", "high"
+    original = int(view.predictions[row])
+    goal = None if target is None else view.model.class_index(target)
+    if goal == original:
+        raise ValueError(f"sample {row} is already predicted as {target!r}; choose another target class.")
+    depth = exact_search_depth(len(view.concept_names), max_changes, exact_budget)
+    found = _exact_counterfactual(view, row, options, original, goal, depth) if depth else None
+    if found is not None:
+        columns, values, logits = found
+        changes, search = list(zip(columns.tolist(), values.tolist())), "exact"
+    elif depth == max_changes:
+        changes, logits, search = [], view.logits[row], "exact"  # proven: no set of up to max_changes flips it
+    else:
+        changes, logits = _greedy_counterfactual(view, row, options, original, goal, max_changes)
+        search = "greedy"
+    current = view.concepts[row]
     new = int(logits.argmax())
     flipped = new != original if goal is None else new == goal
-    return Counterfactual(view.class_names[original], view.class_names[new], flipped, changes)
+    return Counterfactual(view.class_names[original], view.class_names[new], flipped,
+                          [Change(view.concept_names[c], float(current[c]), value) for c, value in changes],
+                          search=search, exact_up_to=depth, max_changes=max_changes)

@@ -10,9 +10,12 @@ first, per sample:
 - ``random``: a random order;
 - ``uncertain``: activations closest to the midpoint between "low" and "high" first;
 - ``contribution``: largest absolute contribution to the predicted class first;
-- ``oracle``: greedily the change that most raises the true class's margin, with the values the
-  expert gives; the oracle may stop early (never makes a correct sample wrong), so it is an upper
-  bound of what a policy can reach with the same expert.
+- ``oracle`` (shown as "greedy oracle"): with access to the true class, at each step the single
+  correction that most raises the true class's margin, with the values the expert gives; it may stop
+  early (never makes a correct sample wrong). It is greedy, not the best set of corrections of each
+  size (one that takes the largest single gain first can need more corrections than a better pair),
+  so it is a reference, not an upper bound of what a policy can reach with the same expert;
+  an exact best-subset search over 2000 samples and up to 20 corrections is not affordable.
 
 Repeated over seeds (expert mistakes and random orders), with 95% intervals across seeds.
 """
@@ -32,12 +35,22 @@ import torch
 from tqdm.auto import tqdm
 
 from cbm.models.base import ConceptBottleneckModel
-from explain.core import DataLike, EvalData, ModelView, ci95, concept_bounds
+from explain.core import DataLike, EvalData, ModelView, ci95, concept_bounds, concept_view
 from explain.explanations import view_of
 
 logger = logging.getLogger(__name__)
 
 POLICIES = ("random", "uncertain", "contribution", "oracle")
+#: How each policy is shown in figures, tables and reports.
+POLICY_LABELS = {"random": "random", "uncertain": "uncertain", "contribution": "contribution",
+                 "oracle": "greedy oracle"}
+#: What each policy does, one sentence each (in the curves' JSON and the audit report).
+POLICY_DESCRIPTIONS = {
+    "random": "corrects concepts in a random order",
+    "uncertain": "corrects the activations closest to the midpoint between 'low' and 'high' first",
+    "contribution": "corrects the concepts with the largest absolute contribution to the predicted class first",
+    "oracle": "greedy oracle: knows the true class and takes, step by step, the single correction that most "
+              "raises its margin (may stop early); greedy, so a reference, not an upper bound"}
 
 
 @dataclass
@@ -65,8 +78,9 @@ class InterventionCurves:
         return self.accuracy[(policy, competence)].mean(axis=0)
 
     def to_dict(self) -> dict[str, Any]:
+        policies = dict.fromkeys(policy for policy, _ in self.accuracy)
         return {"counts": self.counts, "truth": self.truth, "samples": self.samples, "seeds": self.seeds,
-                "rows": self.rows()}
+                "policies": {policy: POLICY_DESCRIPTIONS[policy] for policy in policies}, "rows": self.rows()}
 
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
@@ -139,7 +153,7 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _oracle(view: ModelView, given: torch.Tensor, counts: Sequence[int]) -> np.ndarray:
-    """Accuracy per count of the greedy oracle that may stop early."""
+    """Accuracy per count of the greedy oracle that may stop early (greedy: not the best subset of each size)."""
     y = view.data.labels
     rows = torch.arange(len(y))
     current = view.concepts.clone()
@@ -163,7 +177,7 @@ def intervention_curves(model: ConceptBottleneckModel | ModelView, data: DataLik
                         max_samples: int | None = 2000, progress: bool = False) -> InterventionCurves:
     """Accuracy after correcting 0..``max_concepts`` concepts (default: min(K, 20)) per policy and
     expert competence, over ``seeds``; at most ``max_samples`` samples (seeded subsample)."""
-    view = view_of(model, data)
+    view = concept_view(view_of(model, data), "intervention curves")
     view.labels("intervention curves")
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed, e.g. seeds=(0,).")

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 
 from cbm.models.temporal import TemporalExplanation
 from explain.core import ci95
+from explain.interventions import POLICY_LABELS
 
 if TYPE_CHECKING:
     from explain.explanations import Importance, SampleExplanation
@@ -120,7 +121,7 @@ def intervention_figure(curves: InterventionCurves) -> Figure:
         style = "-" if competence == 1.0 else (0, (4, 2)) if competence >= 0.75 else ":"
         colour = POLICY_COLOURS.get(policy, "#000000")
         ax.plot(curves.counts, mean, linestyle=style, color=colour, marker="o", markersize=2.5,
-                label=f"{policy} (expert {competence:.0%})")
+                label=f"{POLICY_LABELS.get(policy, policy)} (expert {competence:.0%})")
         ax.fill_between(curves.counts, low, high, color=colour, alpha=0.12, linewidth=0)
     ax.set_xlabel("concepts corrected per sample")
     ax.set_ylabel("accuracy")
@@ -174,7 +175,9 @@ def tcav_figure(report: TCAVReport) -> Figure:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("TCAV score")
     ax.legend(fontsize=7)
-    ax.set_title(f"TCAV (* significant, alpha {report.alpha}, Holm)", fontsize=8)
+    settings = report.settings
+    how = f", {settings['solver']} CAVs, {settings['negatives']} negatives" if "negatives" in settings else ""
+    ax.set_title(f"TCAV (* significant, alpha {report.alpha}, Holm{how})", fontsize=8)
     return fig
 
 

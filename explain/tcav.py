@@ -3,7 +3,13 @@
 For a layer, a concept's CAV separates activations of the concept's examples from random
 examples; the TCAV score of a class is the fraction of the class's samples whose class logit
 grows along the CAV (positive directional derivative). The concept's score is averaged over
-``runs`` CAVs, each against a fresh set of random negatives.
+``runs`` CAVs. With ``negatives="independent"`` (the default, as Kim et al. do) each run's CAV is
+learned against a fresh, disjoint set of random negatives (``runs`` x the concept's size random
+examples); ``negatives="shared"`` draws each run's negatives from one pool of twice the concept's
+size, which needs fewer random examples but lets the runs' negatives overlap (the runs are not
+independent draws). The CAV learner (``solver``: "fastcav", the
+mean-difference direction of FastCAV, by default; "torch"/"sklearn" logistic regression as in the
+paper) and the negatives are recorded in every report's settings and shown by ``cbm tcav``.
 
 The baseline: ``random_concepts`` sets of random examples (as many as the concept has, disjoint
 from the negatives) are scored exactly like the concept, against the same negative sets, and
@@ -122,15 +128,29 @@ def _p_value(score: float, random_scores: np.ndarray) -> float:
     return float(2 * stats.t.sf(difference / spread, len(random_scores) - 1))
 
 
+Negatives = Literal["independent", "shared"]
+
+
+def negatives_needed(largest: int, runs: int, negatives: Negatives) -> int:
+    """Random examples that the negative sets take for concepts of up to ``largest`` examples."""
+    if negatives not in ("independent", "shared"):
+        raise ValueError(f"negatives must be 'independent' (a fresh set per run) or 'shared' (one pool), "
+                         f"got {negatives!r}.")
+    return runs * largest if negatives == "independent" else 2 * largest
+
+
 def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Tensor], random: torch.Tensor, *,
          layer: str = "embedding", runs: int = 10, random_concepts: int = 20, alpha: float = 0.05,
-         solver: Literal["fastcav", "torch", "sklearn"] = "fastcav", seed: int = 0) -> TCAVReport:
+         solver: Literal["fastcav", "torch", "sklearn"] = "fastcav", negatives: Negatives = "independent",
+         seed: int = 0) -> TCAVReport:
     """TCAV on precomputed tensors.
 
     ``gradients``: class name -> gradients [N, D] of that class's logit w.r.t. the layer's activations
     for the class's samples; ``concepts``: concept name -> activations [n, D] of its examples;
-    ``random``: activations [M, D] of random examples: 2 n_max for the negatives, then
-    ``random_concepts`` disjoint sets of each concept's size (M >= 2 n_max + 5 n). ``solver`` is the CAV learner of :func:`concepts.learn_cavs`.
+    ``random``: activations [M, D] of random examples: first the negatives (``runs`` x n_max disjoint
+    ones with ``negatives="independent"``, a pool of 2 n_max with "shared"), then ``random_concepts``
+    disjoint sets of each concept's size (at least 5). ``solver`` is the CAV learner of
+    :func:`concepts.learn_cavs`.
     """
     if runs < 2 or random_concepts < 3:
         raise ValueError(f"TCAV needs runs >= 2 and random_concepts >= 3, got {runs} and {random_concepts}.")
@@ -138,27 +158,32 @@ def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Ten
     generator = torch.Generator().manual_seed(seed)
     concepts = {name: torch.as_tensor(examples).float() for name, examples in concepts.items()}
     largest = max(len(examples) for examples in concepts.values())
+    n_negative = negatives_needed(largest, runs, negatives)
     order = torch.randperm(len(random), generator=generator)
-    negative_pool, positive_pool = random[order[:2 * largest]], random[order[2 * largest:]]
-    positives, negatives, n_random = {}, {}, {}
+    negative_pool, positive_pool = random[order[:n_negative]], random[order[n_negative:]]
+    positives, negative_sets_of, n_random = {}, {}, {}
     for size in sorted({len(examples) for examples in concepts.values()}):
         n_random[size] = min(random_concepts, len(positive_pool) // size)
         if n_random[size] < 5:
-            raise ValueError(f"concepts with {size} examples need at least {2 * largest + 5 * size} random examples "
-                             f"(2 x {largest} for negatives, then disjoint random concepts; {2 * largest + random_concepts * size} "
-                             f"for {random_concepts} of them), got {len(random)}.")
+            raise ValueError(f"concepts with {size} examples need at least {n_negative + 5 * size} random examples "
+                             f"({n_negative} for the {negatives} negatives of {runs} runs, then disjoint random "
+                             f"concepts; {n_negative + random_concepts * size} for {random_concepts} of them), "
+                             f"got {len(random)}.")
         if n_random[size] < random_concepts:
             logger.warning("only %d random concepts of %d examples fit in the random pool (asked for %d)",
                            n_random[size], size, random_concepts)
-        negative_sets = [negative_pool[torch.randperm(len(negative_pool), generator=generator)[:size]]
-                         for _ in range(runs)]
+        if negatives == "independent":
+            negative_sets = [negative_pool[run * largest:run * largest + size] for run in range(runs)]
+        else:
+            negative_sets = [negative_pool[torch.randperm(len(negative_pool), generator=generator)[:size]]
+                             for _ in range(runs)]
         disjoint = torch.randperm(len(positive_pool), generator=generator)
         sets = {f"\0random {j}": positive_pool[disjoint[j * size:(j + 1) * size]] for j in range(n_random[size])}
         sets.update({name: examples for name, examples in concepts.items() if len(examples) == size})
         for name, examples in sets.items():
             for run, negative in enumerate(negative_sets):
-                positives[f"{size}\0{name}\0{run}"], negatives[f"{size}\0{name}\0{run}"] = examples, negative
-    bank = learn_cavs(positives, negatives, solver=solver, seed=seed)
+                positives[f"{size}\0{name}\0{run}"], negative_sets_of[f"{size}\0{name}\0{run}"] = examples, negative
+    bank = learn_cavs(positives, negative_sets_of, solver=solver, seed=seed)
     vectors = torch.nn.functional.normalize(bank.vectors, dim=1)
     column = {name: i for i, name in enumerate(bank.names)}
     accuracy = bank.stats["val_accuracy"]
@@ -187,7 +212,7 @@ def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Ten
     logger.info("TCAV at %s: %d of %d (concept, class) pairs significant at alpha %.2f (Holm-corrected)",
                 layer, sum(r.significant for r in results), len(results), alpha)
     return TCAVReport(results, alpha, {"runs": runs, "random_concepts": random_concepts, "solver": solver,
-                                       "seed": seed, "layer": layer})
+                                       "negatives": negatives, "seed": seed, "layer": layer})
 
 
 def _logits(head: Head, embeddings: torch.Tensor) -> torch.Tensor:
@@ -283,16 +308,17 @@ def tcav_layer(backbone: Backbone, layer: str | None, head: Head, class_names: S
 
 def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names: Sequence[str], data: Any,
                   targets: Sequence[str], concepts: Sequence[str], *, concept_data: Any = None,
-                  random_data: Any = None, examples: int = 20, random_concepts: int = 20, seed: int = 0,
-                  pooling: Pooling = "mean", batch_size: int = 64, progress: bool = False,
-                  **options: Any) -> TCAVReport:
+                  random_data: Any = None, examples: int = 20, random_concepts: int = 20, runs: int = 10,
+                  negatives: Negatives = "independent", seed: int = 0, pooling: Pooling = "mean",
+                  batch_size: int = 64, progress: bool = False, **options: Any) -> TCAVReport:
     """TCAV with the examples drawn from image datasets (``cbm.data`` datasets), seeded.
 
     Each target class gets ``examples`` of its images from ``data``. A concept's examples are images
     of ``concept_data`` whose class is named like the concept (a folder per concept) or, failing
     that, images of ``data`` whose concept label is on. Random examples come from ``random_data`` or,
-    without it, from the images of ``data`` not used so far: 2 x ``examples`` negatives plus
-    ``random_concepts`` sets of ``examples``. Images of the target classes are never concept or
+    without it, from the images of ``data`` not used so far: the negatives (``runs`` x ``examples`` with
+    ``negatives="independent"``, 2 x ``examples`` with "shared") plus ``random_concepts`` sets of
+    ``examples``. Images of the target classes are never concept or
     random examples from ``data``: a CAV towards the class's own images would trivially raise its
     logit, and random sets holding more or fewer of them would scatter the baseline.
     ``options`` go to :func:`tcav`.
@@ -343,7 +369,7 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
                              "least 2.")
         concept_images[concept] = pick(rows, source)
     largest = max(len(images) for images in concept_images.values())
-    wanted = 2 * largest + random_concepts * largest
+    wanted = negatives_needed(largest, runs, negatives) + random_concepts * largest
     if random_data is not None:
         random_rows, random_source = np.random.default_rng(seed).permutation(len(random_data))[:wanted], random_data
     else:
@@ -353,4 +379,4 @@ def tcav_datasets(backbone: Backbone, layer: str | None, head: Head, class_names
     random_images = pick(random_rows, random_source)
     return tcav_layer(backbone, layer, head, class_names, class_images, concept_images, random_images,
                       pooling=pooling, batch_size=batch_size, progress=progress, random_concepts=random_concepts,
-                      seed=seed, **options)
+                      runs=runs, negatives=negatives, seed=seed, **options)

@@ -88,6 +88,10 @@ def test_report_sections_and_findings(audited):
     assert not re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:)?//", page)
     assert not re.search(r"url\(\s*[\"']?(?!#)", page) and "@import" not in page and "<script" not in page
     assert set(audited["report"].figures) >= {"confusion", "importance", "interventions", "accuracy"}
+    # the oracle policy is shown as the greedy reference it is, and each counterfactual says which search found it
+    assert "greedy" in data["interventions"]["policies"]["oracle"] and "<td>greedy oracle</td>" in page
+    assert all(s["counterfactual"]["search"] in ("exact", "greedy") for s in data["samples"])
+    assert "exact search" in page
 
 
 def test_batch_index_and_stability(audited, tmp_path):

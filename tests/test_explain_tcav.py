@@ -39,12 +39,36 @@ def test_a_planted_concept_is_significant_and_a_random_one_is_not(head):
     generator = torch.Generator().manual_seed(1)
     concepts = {"planted": torch.randn(30, DIM, generator=generator) + 1.5 * head["planted"],
                 "random": torch.randn(30, DIM, generator=generator)}
-    report = tcav(head["gradients"], concepts, torch.randn(700, DIM, generator=generator))
+    report = tcav(head["gradients"], concepts, torch.randn(900, DIM, generator=generator))
     planted = report.result("planted", "class 0")
     assert planted.significant and planted.mean > 0.9 and planted.p_adjusted < 0.01
     assert not any(r.significant for r in report.results if r.concept == "random")
     assert len(planted.scores) == 10 and len(planted.random_scores) == 20 and planted.cav_accuracy > 0.6
     assert report.to_dict()["correction"] == "holm" and report.plot().axes
+    assert report.settings["solver"] == "fastcav" and report.settings["negatives"] == "independent"
+    assert "fastcav CAVs, independent negatives" in report.plot().axes[0].get_title()
+
+
+def test_independent_negatives_are_a_fresh_disjoint_set_per_run(head, monkeypatch):
+    """As Kim et al.: each run's CAV is learned against its own random negatives; "shared" draws them from
+    one pool of twice the concept's size (the runs' negatives overlap)."""
+    module = importlib.import_module("explain.tcav")
+    seen = {}
+    learn = module.learn_cavs
+    monkeypatch.setattr(module, "learn_cavs", lambda positives, negatives, **kw: seen.update(negatives=negatives)
+                        or learn(positives, negatives, **kw))
+    random = torch.arange(900, dtype=torch.float32)[:, None] * torch.ones(1, DIM)  # row i holds the value i
+    concept = {"x": torch.randn(30, DIM, generator=torch.Generator().manual_seed(3))}
+    rows = lambda name: {int(v) for v in seen["negatives"][name][:, 0].tolist()}  # noqa: E731
+    for negatives, pool in (("independent", 300), ("shared", 60)):
+        report = tcav(head["gradients"], concept, random, runs=10, random_concepts=5, negatives=negatives)
+        assert report.settings["negatives"] == negatives
+        runs = [rows(f"30\0x\0{run}") for run in range(10)]
+        assert all(len(r) == 30 for r in runs) and len(set().union(*runs)) == pool
+        if negatives == "independent":
+            assert all(not a & b for i, a in enumerate(runs) for b in runs[i + 1:])
+    with pytest.raises(ValueError, match="'independent'.*'shared'"):
+        tcav(head["gradients"], concept, random, negatives="pool")
 
 
 def test_random_directions_are_flagged_in_at_most_five_percent_of_draws(head):
@@ -53,7 +77,7 @@ def test_random_directions_are_flagged_in_at_most_five_percent_of_draws(head):
     for draw in range(100):
         generator = torch.Generator().manual_seed(1000 + draw)
         report = tcav(head["gradients"], {"random": torch.randn(30, DIM, generator=generator)},
-                      torch.randn(700, DIM, generator=generator), seed=draw)
+                      torch.randn(900, DIM, generator=generator), seed=draw)
         flagged.append(any(r.significant for r in report.results))
         raw += [r.p_value < 0.05 for r in report.results]
     assert np.mean(flagged) <= 0.05
@@ -65,7 +89,7 @@ def test_a_concept_its_cavs_cannot_separate_from_random_examples_is_warned_about
     concepts = {"planted": torch.randn(30, DIM, generator=generator) + 1.5 * head["planted"],
                 "like random": torch.randn(30, DIM, generator=generator)}
     with caplog.at_level("WARNING", logger="explain.tcav"):
-        report = tcav(head["gradients"], concepts, torch.randn(700, DIM, generator=generator))
+        report = tcav(head["gradients"], concepts, torch.randn(900, DIM, generator=generator))
     warned = [record.getMessage() for record in caplog.records if "held-out accuracy" in record.getMessage()]
     assert len(warned) == 1 and "'like random'" in warned[0], warned
     assert report.result("like random", "class 0").cav_accuracy < 0.6 < report.result("planted", "class 0").cav_accuracy
@@ -150,21 +174,22 @@ def test_tcav_datasets_draws_class_concept_and_random_examples_apart(monkeypatch
     backbone = type("B", (), {"preprocess": staticmethod(lambda image: torch.tensor([float(image.getpixel((0, 0))[0])]))})
     data = _Shapes()
     module.tcav_datasets(backbone, "layer", None, ["a", "b", "c"], data, ["a"], ["dot"], examples=5,
-                         random_concepts=3, seed=1)
+                         random_concepts=3, runs=4, seed=1)
     rows = lambda t: {int(v) for v in t.flatten().tolist()}  # the image's red value is its row
     classes, concept, random = rows(seen["classes"]["a"]), rows(seen["concepts"]["dot"]), rows(seen["random"])
     assert len(classes) == 5 and all(data.labels[i] == 0 for i in classes)
     assert len(concept) == 5 and all(data.concept_labels[i, 0] == 1 for i in concept) and not concept & classes
-    assert len(random) == 2 * 5 + 3 * 5 and not random & (classes | concept)
+    assert len(random) == 4 * 5 + 3 * 5 and not random & (classes | concept)  # 4 runs' negatives, 3 random concepts
     assert all(data.labels[i] != 0 for i in concept | random)  # no image of the target class
     assert seen["options"]["random_concepts"] == 3 and seen["options"]["seed"] == 1
+    assert seen["options"]["runs"] == 4 and seen["options"]["negatives"] == "independent"
     # concept examples from a folder per concept, random examples from their own dataset
     folders, pool = _Shapes(12, ("dot", "stripe")), _Shapes(60)
     module.tcav_datasets(backbone, "layer", None, ["a", "b", "c"], data, ["b"], ["stripe", "dot"], examples=4,
                          concept_data=folders, random_data=pool, random_concepts=3)
     by_folder = [folders.class_names[folders.labels[i]] for i in folders.loaded]  # a folder wins over concept labels
     assert sorted(by_folder) == ["dot"] * 4 + ["stripe"] * 4 and len(set(folders.loaded)) == 8
-    assert len(pool.loaded) == 2 * 4 + 3 * 4
+    assert len(pool.loaded) == 10 * 4 + 3 * 4
     with pytest.raises(KeyError, match="unknown class 'z'"):
         module.tcav_datasets(backbone, None, None, ["a", "b", "c"], data, ["z"], ["dot"])
     with pytest.raises(KeyError, match="not a class of the dataset"):
