@@ -34,7 +34,9 @@ def setup(tmp_path_factory):
     bank = ConceptBank.from_text(["reddish", "greenish", "bluish", "bright", "square"], backbone)
     model = PosthocCBM(bank, lam=1e-4).fit(data, validation=data)
     path = model.save(root / "model.cbm")
-    energy = EnergyCBM(bank=bank, hidden=16, max_epochs=4, inference_steps=60).fit(data, validation=data)
+    # the global energy at full weight, so that a corrected concept visibly moves the others
+    energy = EnergyCBM(bank=bank, hidden=16, max_epochs=4, inference_steps=60, inference_weights=(1.0, 1.0, 1.0)).fit(
+        data, validation=data)
     return {"root": root, "model": path, "energy_model": energy.save(root / "energy.cbm"),
             "data": f"folder:{root / 'data'}", "cache": root / "cache"}
 

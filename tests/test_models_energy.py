@@ -159,6 +159,51 @@ def test_correcting_all_concepts_raises_accuracy(world, model):
     assert after >= before and after == pytest.approx(exact, abs=0.01)
 
 
+def _with_weights(model, weights):
+    """A copy of ``model`` that infers under ``weights`` (as if fitted with inference_weights=weights)."""
+    copy = model.copy()
+    copy.inference_weights_ = weights
+    return copy
+
+
+@pytest.mark.parametrize("weights", [None, (1.0, 1.0, 0.01)])
+def test_a_null_intervention_is_the_prediction(world, model, weights):
+    """Prediction and interventions share one inference configuration, and an intervention that changes
+    nothing continues from the prediction: an empty mask and a full mask at the model's own concepts
+    both give the prediction itself (before: the interventions re-ran inference under other weights)."""
+    model = model if weights is None else _with_weights(model, weights)
+    tx = world["test"][0][:300]
+    logits, predicted, concepts = model.decision_function(tx), model.predict(tx), model.concepts(tx)
+    empty = torch.zeros(concepts.shape, dtype=torch.bool)
+    for values in ({}, (empty, torch.zeros(concepts.shape)), (empty, torch.rand(concepts.shape))):
+        after = model.intervene(tx, values)
+        assert torch.equal(after, logits)
+    full = model.intervene(tx, (~empty, concepts))
+    assert (full.argmax(1).numpy() == predicted).all() and (full - logits).abs().max() < 1e-4
+    # fixing some concepts at their inferred values is no change either: nothing moves
+    partial = empty.clone()
+    partial[:, :3] = True
+    result = model.propagate(tx, (partial, concepts))
+    assert torch.equal(result.concepts_after, concepts) and torch.equal(result.logits_after, logits)
+
+
+def test_propagation_starts_from_the_prediction_and_moves_only_what_the_correction_causes(world, model):
+    tx = world["test"][0][:300]
+    logits, concepts = model.decision_function(tx), model.concepts(tx)
+    result = model.propagate(tx, {"concept 0": 1.0})
+    assert torch.equal(result.logits_before, logits) and torch.equal(result.concepts_before, concepts)
+    # an imperceptible correction resumes the optimisation where it stopped (Adam's state included):
+    # the other concepts barely move (a fresh optimiser moved them by 0.01 on average, flipping some)
+    mask = torch.zeros(concepts.shape, dtype=torch.bool)
+    mask[:, 0] = True
+    nudged = model.propagate(tx, (mask, (concepts + 1e-6).clamp(max=1)))
+    converged = model.infer(tx).steps < model.inference_steps
+    shift = nudged.concept_shift[converged].abs()
+    print(f"a 1e-6 correction moved the other concepts by {float(shift.mean()):.1e} on average (max "
+          f"{float(shift.max()):.1e}) on {int(converged.sum())} converged samples")
+    assert float(shift.mean()) < 2e-3 and int(nudged.flipped[converged].sum()) == 0
+
+
 # -------------------------------------------------------------------------------------------- conditionals
 def test_conditionals_match_the_data_and_gibbs_matches_enumeration(world, model):
     _, _, _, truth = world["train"]
@@ -198,11 +243,89 @@ def test_contributions_decompose_the_concept_logits_exactly(world, model):
     assert contributions.shape == (6, M, K)
     total = contributions.sum(-1) + model.contribution_baseline()
     assert torch.allclose(total, model.predict_from_concepts(model.concepts(tx)), atol=1e-4)
+
+
+@pytest.mark.parametrize("global_weight", [1.0, 0.1])
+def test_contributions_decompose_the_logits_the_model_uses(world, model, global_weight):
+    """``contributions.sum(-1) + contribution_rest == decision_function``, at the inference weights
+    (before: contributions decomposed -E_cy at weight 1 whatever the weight in the logits)."""
+    weighted = _with_weights(model, (1.0, 1.0, global_weight))
+    tx = world["test"][0][:50]
+    logits = weighted.decision_function(tx)
+    total = weighted.contributions(tx).sum(-1) + weighted.contribution_rest(tx)
+    assert (total - logits).abs().max() < 1e-4
+    c = weighted.concepts(tx)
+    unit = _with_weights(model, (1.0, 1.0, 1.0)).contributions(tx, concepts=c)
+    assert torch.allclose(weighted.contributions(tx, concepts=c), global_weight * unit, atol=1e-6)
+    # the logits are minus the total energy of (x, y, c): their softmax is p(y | x, c)
+    net = model.net_
+    h, g = net.encode(model._standardise(tx))
+    energy = (net.class_energy_all(h) + net.concept_energy_soft(g, c).sum(1, keepdim=True)
+              + global_weight * net.global_energy_all(c, model._links()))
+    assert torch.allclose(logits, -energy.detach(), atol=1e-4)
     edited, _ = model.edit("prune", "concept 3", ["class 1"])
     c = torch.rand(6, K)
     parts = edited.contributions(tx, concepts=c)
     assert torch.allclose(parts[:, 1, 3], torch.zeros(6))
     assert torch.allclose(parts.sum(-1) + edited.contribution_baseline(), edited.predict_from_concepts(c), atol=1e-4)
+
+
+def test_gradients_reach_the_input_for_tcav(world, model):
+    """TCAV at the embedding differentiates the class logits w.r.t. x (before: "element 0 of tensors does
+    not require grad"): the gradient of the read-out at the inferred, detached optimum (envelope theorem),
+    without touching the network's weights."""
+    from explain.tcav import embedding_gradients
+
+    tx = world["test"][0][:20]
+    grads = embedding_gradients(model, tx, 2)
+    assert grads.shape == tx.shape and torch.isfinite(grads).all() and grads.norm(dim=1).min() > 0
+    c = model.concepts(tx)
+    x = tx.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(model._logits(x, c)[:, 2].sum(), x)
+    assert torch.allclose(grads, expected, atol=1e-5)
+    assert all(p.grad is None for p in model.net_.parameters())
+    with torch.no_grad():
+        assert not model.decision_function(tx.clone().requires_grad_(True)).requires_grad
+    # the envelope theorem at work: with the class energy switched off the class logit still depends on x
+    # through the concept energy at the optimum, which is the same for every class
+    lean = _with_weights(model, (0.0, 1.0, 1.0))
+    lean_grads = embedding_gradients(lean, tx, 0) - embedding_gradients(lean, tx, 1)
+    assert lean_grads.abs().max() < 1e-5 and embedding_gradients(lean, tx, 0).norm() > 0
+
+
+def test_the_intervention_curve_starts_at_the_models_accuracy(world, model):
+    import explain
+
+    tx, ty, tc, _ = world["test"]
+    data = (tx[:200], ty[:200], tc[:200], model.concept_names)
+    curves = explain.intervention_curves(model, data, policies=("random",), max_concepts=2, seeds=(0,))
+    start = [row["accuracy"] for row in curves.rows() if row["concepts"] == 0]
+    # one sample of 200 is 5e-3; curves average in float32
+    assert start and all(a == pytest.approx(model.score(tx[:200], ty[:200]), abs=1e-6) for a in start)
+    # the view's intervened logits are the model's own interventions (the others re-inferred)
+    view = explain.ModelView(model, explain.as_data(data))
+    rows = torch.arange(30)
+    changed = view.concepts[rows].clone()
+    changed[:, :2] = 1.0
+    mask = torch.zeros_like(changed, dtype=torch.bool)
+    mask[:, :2] = True
+    direct = model.intervene(tx[:30], (mask, changed))
+    assert torch.allclose(view.intervened_logits(rows, changed), direct, atol=1e-4)
+
+
+def test_the_reference_setting_is_one_preset(world):
+    from cbm.models.energy import REFERENCE_SETTING
+
+    preset = EnergyCBM.reference(max_epochs=2)
+    params = preset.get_params()
+    assert params["global_concept_weight"] == 0 and params["inference_weights"] == (1.0, 1.0, 0.01)
+    assert params["hidden"] == 512 and params["loss_weights"] == (3.0, 1.0, 1.0) and params["max_epochs"] == 2
+    assert REFERENCE_SETTING["inference_weights"] == (1.0, 1.0, 0.01)
+    x, y, c, _ = world["train"]
+    fitted = EnergyCBM.reference(hidden=16, max_epochs=2).fit(x[:300], y[:300], concept_labels=c[:300])
+    assert fitted.inference_weights_ == (1.0, 1.0, 0.01) and fitted.training_["inference_weights"] == [1.0, 1.0, 0.01]
+    with pytest.raises(ValueError, match="leave the class out"):
+        EnergyCBM(**FAST, inference_weights=(0.0, 1.0, 0.0)).fit(x[:300], y[:300], concept_labels=c[:300])
 
 
 # -------------------------------------------------------------------------------------------- edits
@@ -264,6 +387,16 @@ def test_bundle_round_trip_keeps_inference_edits_and_bank(world, model, tmp_path
     with_bank = EnergyCBM(bank=bank, **{**FAST, "max_epochs": 2}).fit(x, y)
     again = load(with_bank.save(tmp_path / "bank.cbm"))
     assert again.bank.names == bank.names and again.training_["concepts"]["rule"] == "CAV margin > 0"
+
+
+def test_a_bundle_with_intervention_weights_loads_and_intervenes_with_its_inference_weights(world, model, tmp_path):
+    """Bundles saved before interventions shared the inference weights carry intervention_weights."""
+    path = model.save(tmp_path / "old.cbm")
+    rewrite_manifest(path, lambda m, h: m["params"].update(intervention_weights=[1.0, 1.0, 1.0]))
+    loaded = load(path)
+    tx = world["test"][0][:40]
+    assert "intervention_weights" not in loaded.get_params()
+    assert torch.equal(loaded.intervene(tx, {}), model.decision_function(tx))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -384,8 +517,9 @@ def test_toy_energy_class_concept_probabilities_match_the_world(toy_world, spec)
 @pytest.mark.parametrize("spec", SPECS)
 def test_toy_class_accuracy_rises_as_more_concepts_are_corrected(toy_world, spec):
     entry = toy_world(spec)
-    test, model = entry["intervention_test"], entry["ecbm"]
-    before = model.infer(test, weights=model.intervention_weights)  # the same objective as the interventions
+    # with a small auto-chosen global weight corrections barely reach the class (flat curve); at full weight
+    test, model = entry["intervention_test"], _with_weights(entry["ecbm"], (1.0, 1.0, 1.0))
+    before = model.infer(test)  # the prediction, from which every intervention continues
     order = torch.randperm(len(model.concept_names), generator=torch.Generator().manual_seed(0))
     curve = []
     for count in (0, 5, 10, 20, 30):

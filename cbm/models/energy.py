@@ -15,10 +15,32 @@ on the validation loss (a seeded 10% of train when no validation data is given, 
 and keeps the best epoch.
 
 Inference relaxes the class to ``softmax(a)`` and each concept to ``sigmoid(b_k)`` and minimises the
-weighted total energy with Adam, per sample, batched, until the relative change of each sample's
-energy stays under ``tol`` for ``patience`` steps (a converged sample is frozen, so a sample's result
-does not depend on the batch it is in). Soft concepts enter every energy by mixing their two
-embeddings, ``(1 - p) v_k0 + p v_k1``; the class likewise mixes the class embeddings.
+weighted total energy ``E = l_xy E_xy + l_xc E_xc + l_cy E_cy`` (``inference_weights``) with Adam, per
+sample, batched, until the relative change of each sample's energy stays under ``tol`` for ``patience``
+steps (a converged sample is frozen, so a sample's result does not depend on the batch it is in). Soft
+concepts enter every energy by mixing their two embeddings, ``(1 - p) v_k0 + p v_k1``; the class likewise
+mixes the class embeddings. The class is then read out exactly at the inferred concepts ``c``: the logit
+of class y is minus the total energy of (x, y, c),
+``logits[y] = -(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k) + l_cy E_cy(c, y))``, whose softmax is the
+Boltzmann distribution over the discrete class given x and c (the concept term is the same for every
+class; it makes the logit the minimised energy, see gradients below).
+
+One inference configuration serves prediction and every intervention: an intervention fixes concepts
+and continues the optimisation from the unintervened solution (class and concept variables) under the
+same weights, so a null intervention (an empty mask, or fixed values equal to the inferred ones) returns
+the prediction exactly, and every move of the other concepts is caused by the correction. With every
+concept fixed, the read-out alone gives the logits (no optimisation).
+
+Gradients w.r.t. the input (TCAV at the embedding): when ``x`` requires grad, ``decision_function``
+recomputes the read-out at the inferred, detached concepts, so its gradient is the partial derivative
+``-d/dx (l_xy E_xy + l_xc E_xc)`` at the optimum. By the envelope theorem this is the gradient of minus
+the minimised energy ``-min_c E(x, y, c)`` for the class the relaxed optimum settled on (the concepts'
+own response to x drops out at a minimum); for the other classes it is the same partial derivative at
+the shared optimum, a first-order approximation.
+
+The reference setting (``REFERENCE_SETTING``, ``EnergyCBM.reference()``): the reference objective
+(``global_concept_weight=0``), inference weights (1, 1, 0.01), the reference's network width, loss
+weights and augmentation, and the exact class read-out above.
 
 Departures from the reference code, on purpose (see docs/recipes/energy_cub.md):
 
@@ -34,6 +56,11 @@ Departures from the reference code, on purpose (see docs/recipes/energy_cub.md):
   reference's objective.
 - Adam (lr 1e-3) on frozen embeddings instead of SGD on a fine-tuned ResNet; the relative
   convergence test replaces the reference's absolute ``delta=1``.
+- interventions use the inference weights and continue from the unintervened solution; the reference
+  resets the class variables and re-optimises with the global energy alone (weights 0/0/3), so its
+  "nothing corrected" point is not its prediction.
+- the class is read out exactly from the discrete class energies at the inferred concepts rather than
+  as the argmax of the relaxed class variable (kept as ``relaxed_class_probs``).
 
 Conditional probabilities (Propositions 3.2-3.5) are expectations under ``p(c | y) ~ exp(-E_cy(c, y))``:
 exact by enumeration up to ``exact_max_concepts`` concepts, else by batched Gibbs sampling with
@@ -41,9 +68,11 @@ Rao-Blackwellised marginals; ``p(c_k | c_j)`` mixes the classes by their trainin
 ``empirical_conditionals`` gives the reference's estimates from predictions, for comparison.
 
 Explanations (``contributions``): the global energy is affine in the concepts before its ReLU, so
-integrated gradients of ``-E_cy(c, y)`` from the training concept frequencies to ``c`` have a closed
-form; they decompose ``predict_from_concepts(c)`` exactly:
-``contributions(x).sum(-1) + contribution_baseline() == predict_from_concepts(concepts(x))``.
+integrated gradients of the concepts' part of the logits, ``-l_cy E_cy(c, y)`` (``predict_from_concepts``),
+from the training concept frequencies to ``c`` have a closed form. They decompose the logits exactly:
+``contributions(x).sum(-1) + contribution_baseline() + contribution_rest(x) == decision_function(x)``,
+where the rest ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` is the part that does not pass through
+the global energy (and ``contributions.sum(-1) + contribution_baseline() == predict_from_concepts(c)``).
 
 Edits cut a concept's link into the global energy for some classes: for those classes ``E_cy`` sees
 the concept at a fixed value (``prune``: its training frequency; ``set_value``: a given value).
@@ -61,8 +90,9 @@ import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -81,6 +111,13 @@ logger = logging.getLogger(__name__)
 
 #: Global-energy weights tried at inference when ``inference_weights="auto"``.
 AUTO_GLOBAL_WEIGHTS = (0.01, 0.1, 1.0)
+
+#: The reference setting (Xu et al.'s code): its objective (no pseudo-likelihood term), its inference
+#: weights, network width, loss weights, augmentation and optimiser settings; see ``EnergyCBM.reference``.
+REFERENCE_SETTING: dict[str, Any] = {
+    "global_concept_weight": 0.0, "inference_weights": (1.0, 1.0, 0.01), "hidden": 512,
+    "loss_weights": (3.0, 1.0, 1.0), "flip_samples": 0.2, "flip_concepts": 0.2, "weight_decay": 4e-5,
+    "batch_size": 64, "max_epochs": 300, "inference_lr": 0.1, "inference_patience": 10}
 
 
 # ---------------------------------------------------------------------------------------------------- networks
@@ -182,6 +219,18 @@ class EnergyNetworks(nn.Module):
         return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
 
 
+@contextmanager
+def _frozen(net: nn.Module) -> Iterator[None]:
+    """The network's weights out of autograd while the block runs (inference and read-outs never train)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+
+
 @dataclass
 class LinkEdits:
     """Which concepts feed the global energy of which class (``mask`` [M, K]) and what the cut ones see."""
@@ -198,17 +247,33 @@ class LinkEdits:
 @dataclass
 class Inference:
     """Result of gradient inference per sample: class logits (the exact read-out, see ``infer``),
-    concept probabilities, the relaxed class variable, the final total energy and the steps taken."""
+    concept probabilities, the relaxed class variable, the final total energy, the optimisation steps
+    taken (in all, when an intervention continued it), and the optimiser's state from which an intervention continues: for the class [N, 3, C] and
+    the concepts [N, 3, K], the pre-activations and Adam's first and second moments."""
 
     logits: torch.Tensor
     concept_probs: torch.Tensor
     relaxed_class_probs: torch.Tensor
     energy: torch.Tensor
     steps: torch.Tensor
+    class_state: torch.Tensor
+    concept_state: torch.Tensor
 
     @property
     def class_probs(self) -> torch.Tensor:
         return torch.softmax(self.logits, dim=1)
+
+    def take(self, rows: torch.Tensor) -> Inference:
+        """The results of samples ``rows`` (an index tensor; repeats allowed), copied."""
+        return Inference(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def to(self, device: torch.device) -> Inference:
+        return Inference(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def put(self, rows: torch.Tensor, other: Inference) -> None:
+        """Overwrite the results of samples ``rows`` with ``other``'s (one row of it per index)."""
+        for f in fields(self):
+            getattr(self, f.name)[rows] = getattr(other, f.name)
 
 
 @dataclass
@@ -262,11 +327,14 @@ class EnergyCBM(ConceptBottleneckModel):
     flip_samples, flip_concepts: concept augmentation of the global energy (reference 0.2/0.2).
     dropout, lr, weight_decay, batch_size, max_epochs, patience: training (Adam; early stopping on the
         validation loss with ``patience`` epochs).
-    inference_weights: (class, concept, global) energy weights for prediction, or "auto": 1/1/g with
-        the global weight g chosen among ``AUTO_GLOBAL_WEIGHTS`` (0.01 as in the reference, 0.1, 1 =
-        the joint Boltzmann of the three energies) by validation class + concept accuracy.
-    intervention_weights: the same after an intervention (the reference uses 0/0/3, the global energy
-        alone, which with gradients flowing would let the other concepts forget the image).
+    inference_weights: (class, concept, global) energy weights of inference, for prediction and every
+        intervention alike, or "auto": 1/1/g with the global weight g chosen among
+        ``AUTO_GLOBAL_WEIGHTS`` (0.01 as in the reference, 0.1, 1 = the joint Boltzmann of the three
+        energies) by validation class + concept accuracy. The same weights serve interventions: a small
+        g (0.01) keeps the class close to the class energy's, so corrections move it little; pass
+        (1, 1, 1) when interventions matter most. The class or the global weight must be
+        positive (the class is read out from those energies). A larger global weight lets a
+        corrected concept move the others more.
     inference_lr, inference_steps, tol, inference_patience: Adam on the relaxed variables and the relative
         convergence test; ``inference_batch`` samples are optimised together.
     bank, pseudo_threshold: a concept bank for pseudo-labels when the data has no concept labels.
@@ -282,8 +350,7 @@ class EnergyCBM(ConceptBottleneckModel):
                  global_concept_weight: float = 1.0, flip_samples: float = 0.2, flip_concepts: float = 0.2,
                  dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 4e-5, batch_size: int = 64,
                  max_epochs: int = 100, patience: int = 8,
-                 inference_weights: Sequence[float] | Literal["auto"] = "auto",
-                 intervention_weights: Sequence[float] = (1.0, 1.0, 1.0), inference_lr: float = 0.1,
+                 inference_weights: Sequence[float] | Literal["auto"] = "auto", inference_lr: float = 0.1,
                  inference_steps: int = 300, tol: float = 1e-4, inference_patience: int = 10,
                  inference_batch: int = 2048, bank: ConceptBank | None = None,
                  pseudo_threshold: str | float | tuple[str, float] = "auto", exact_max_concepts: int = 14,
@@ -301,7 +368,6 @@ class EnergyCBM(ConceptBottleneckModel):
         self.max_epochs = max_epochs
         self.patience = patience
         self.inference_weights = inference_weights
-        self.intervention_weights = intervention_weights
         self.inference_lr = inference_lr
         self.inference_steps = inference_steps
         self.tol = tol
@@ -326,6 +392,20 @@ class EnergyCBM(ConceptBottleneckModel):
         if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
             raise ValueError(f"{name} must be three non-negative numbers, not all zero, got {value!r}.")
         return weights  # type: ignore[return-value]
+
+    @classmethod
+    def _inference_weights(cls, value: Sequence[float]) -> tuple[float, float, float]:
+        weights = cls._weights(value, "inference_weights")
+        if not (weights[0] or weights[2]):
+            raise ValueError(f"inference_weights {value!r} leave the class out of the energy; give the class or the "
+                             "global energy a positive weight.")
+        return weights
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> EnergyCBM:
+        """An unfitted model in the reference setting (``REFERENCE_SETTING``: global_concept_weight 0,
+        inference weights (1, 1, 0.01), hidden 512, loss weights 3/1/1, ...), with ``overrides`` on top."""
+        return cls(**{**REFERENCE_SETTING, **overrides})
 
     def _standardise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.feature_mean_) / self.feature_scale_
@@ -393,8 +473,7 @@ class EnergyCBM(ConceptBottleneckModel):
             raise ValueError("y is required (or pass an Embeddings with labels as x).")
         weights = self._weights(self.loss_weights, "loss_weights")
         if self.inference_weights != "auto":
-            self._weights(self.inference_weights, "inference_weights")
-        self._weights(self.intervention_weights, "intervention_weights")
+            self._inference_weights(self.inference_weights)
         fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
         features = as_matrix(x, "x")
         labels = as_labels(y, len(features))
@@ -457,7 +536,7 @@ class EnergyCBM(ConceptBottleneckModel):
             self.inference_weights_ = (1.0, 1.0, best)
             self.training_selection_ = {str(w): v for w, v in scores.items()}
         else:
-            self.inference_weights_ = self._weights(self.inference_weights, "inference_weights")
+            self.inference_weights_ = self._inference_weights(self.inference_weights)
             self.training_selection_ = {}
         val_inference = self.infer(val_x)
         self.metrics_.update({
@@ -531,6 +610,7 @@ class EnergyCBM(ConceptBottleneckModel):
                     break
         if best_state is not None:
             net.load_state_dict(best_state)
+        optimiser.zero_grad(set_to_none=True)  # a fitted model holds no gradient buffers
         return {"best_val_loss": best_loss, "best_epoch": best_epoch, "epochs": epoch,
                 "stopped_early": epoch < self.max_epochs}
 
@@ -539,15 +619,20 @@ class EnergyCBM(ConceptBottleneckModel):
               init: Inference | None = None, device: str | None = None) -> Inference:
         """Gradient inference of the class and concepts, batched; ``mask``/``values`` [N, K] fix concepts.
 
-        The class and concepts are relaxed and optimised together, as in the reference; the class is
-        then read out exactly: ``logits = -(l_xy E_xy(x, y) + l_cy E_cy(c, y))`` at the optimised concepts,
-        i.e. the Boltzmann distribution over the discrete class given x and the concepts (the relaxed
-        class variable is kept as ``relaxed_class_probs``).
+        The class and concepts are relaxed and optimised together, as in the reference, under
+        ``weights`` (default: the model's inference weights); the class is then read out exactly at the
+        optimised concepts: ``logits[y]`` is minus the total energy of (x, y, c), i.e. the Boltzmann
+        distribution over the discrete class given x and the concepts (the relaxed class variable is
+        kept as ``relaxed_class_probs``).
 
-        ``init`` starts the concept variables from an earlier result (intervention re-optimisation);
-        the class variables always start uniform, as in the reference.
+        ``init`` (an earlier ``infer(x)`` of the same x under the same weights) makes this a continuation:
+        rows whose fixed concepts already hold ``init``'s values (an empty mask included) keep ``init``'s
+        result exactly, and the other rows resume ``init``'s optimisation (variables and Adam's moments,
+        so that only the change itself moves them; a fresh optimiser would take full-size steps from the
+        optimum). Without ``init``, the variables start uniform, as in the reference, and identical
+        unconstrained rows are inferred once.
         """
-        features = self._features(x)
+        features = self._features(x).detach()
         n, k = len(features), len(self.concept_names_)
         lam = self._weights(weights if weights is not None else self.inference_weights_, "weights")
         fixed = torch.zeros(n, k, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
@@ -556,39 +641,56 @@ class EnergyCBM(ConceptBottleneckModel):
             raise ValueError(f"mask and values must be [{n}, {k}].")
         if ((given[fixed] < 0) | (given[fixed] > 1)).any():
             raise ValueError("intervened concept values are probabilities and must lie in [0, 1].")
+        if init is None:
+            if mask is None:
+                unique, inverse = torch.unique(features, dim=0, return_inverse=True)
+                if len(unique) < n:
+                    return self.infer(unique, weights=lam, device=device).take(inverse)
+            return self._optimise(features, fixed, given, lam, None, device)
+        if len(init.logits) != n:
+            raise ValueError(f"init must be an inference of the same {n} samples, got {len(init.logits)} rows.")
+        todo = torch.nonzero(~(~fixed | (given == init.concept_probs)).all(1)).flatten()
+        result = init.take(torch.arange(n))
+        if len(todo):
+            result.put(todo, self._optimise(features[todo], fixed[todo], given[todo], lam, init.take(todo), device))
+        return result
+
+    def _optimise(self, features: torch.Tensor, fixed: torch.Tensor, given: torch.Tensor,
+                  lam: tuple[float, float, float], start: Inference | None, device: str | None) -> Inference:
+        """``infer``'s optimisation of every row, ``inference_batch`` rows at a time."""
         run_on = resolve_device(device or self.device)
         net = self._net_on(run_on)
         links = self._links()
         outs = []
-        for start in range(0, n, self.inference_batch):
-            part = slice(start, start + self.inference_batch)
-            start_c = None if init is None else init.concept_probs[part]
-            outs.append(self._infer_batch(net, self._standardise(features[part]).to(run_on), fixed[part].to(run_on),
-                                          given[part].to(run_on), lam, links,
-                                          None if start_c is None else start_c.to(run_on)))
+        for rows in torch.arange(len(features)).split(self.inference_batch):
+            outs.append(self._infer_batch(net, self._standardise(features[rows]).to(run_on), fixed[rows].to(run_on),
+                                          given[rows].to(run_on), lam, links,
+                                          None if start is None else start.take(rows).to(run_on)))
         self.net_.cpu()
-        return Inference(*(torch.cat([o[i] for o in outs]).cpu() for i in range(5)))
+        return Inference(*(torch.cat([o[i] for o in outs]).cpu() for i in range(len(outs[0]))))
 
     def _infer_batch(self, net: EnergyNetworks, x: torch.Tensor, fixed: torch.Tensor, given: torch.Tensor,
-                     lam: tuple[float, float, float], links: LinkEdits, start_c: torch.Tensor | None):
+                     lam: tuple[float, float, float], links: LinkEdits,
+                     start: Inference | None) -> tuple[torch.Tensor, ...]:
         b, m, k = len(x), net.m, net.k
         with torch.no_grad():
             h, g = net.encode(x)
             g = net.concept_energy_parts(g)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        try:
-            a = torch.zeros(b, m, device=x.device)
-            s = torch.zeros(b, k, device=x.device) if start_c is None else torch.logit(start_c.clamp(1e-4, 1 - 1e-4))
+        with _frozen(net), torch.enable_grad():  # the relaxed variables are optimised by gradient, even under no_grad
+            class_state = torch.zeros(b, 3, m, device=x.device) if start is None else start.class_state.clone()
+            concept_state = torch.zeros(b, 3, k, device=x.device) if start is None else start.concept_state.clone()
+            a, s = class_state[:, 0].clone(), concept_state[:, 0].clone()
             params = [a, s]
-            moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in params]
+            moments = [(class_state[:, 1], class_state[:, 2]), (concept_state[:, 1], concept_state[:, 2])]
             settled = fixed.all(dim=1)  # nothing left to infer: the read-out below is exact without steps
             active = ~settled
             stale = torch.zeros(b, dtype=torch.long, device=x.device)
-            steps = torch.zeros(b, dtype=torch.long, device=x.device)
+            steps = torch.zeros(b, dtype=torch.long, device=x.device) if start is None else start.steps.clone()
             previous = None
             beta1, beta2, eps = 0.9, 0.999, 1e-8
-            for step in range(1, self.inference_steps + 1):
+            for _ in range(self.inference_steps):
+                if not active.any():
+                    break
                 a.requires_grad_(True)
                 s.requires_grad_(True)
                 energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
@@ -600,8 +702,8 @@ class EnergyCBM(ConceptBottleneckModel):
                     small = (previous - energy).abs() <= self.tol * energy.abs().clamp_min(1e-3)
                     stale = torch.where(small, stale + 1, torch.zeros_like(stale))
                     active = active & (stale < self.inference_patience)
-                if not active.any():
-                    break
+                    if not active.any():
+                        break
                 previous = energy
                 steps += active.long()
                 rows = active[:, None].float()
@@ -618,16 +720,13 @@ class EnergyCBM(ConceptBottleneckModel):
             with torch.no_grad():
                 p_c = torch.where(fixed, given, torch.sigmoid(s))
                 if lam[0] or lam[2]:  # exact minimisation over the discrete class given the concepts
-                    logits = -(lam[0] * net.class_energy_all(h) + lam[2] * net.global_energy_all(p_c, links))
+                    logits = self._readout(net, h, g, p_c, lam, links)
                     a = torch.where(settled[:, None], logits, a)
-                    energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
                 else:
                     logits = torch.log_softmax(a, dim=1)
-                    energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
-            return logits, p_c, torch.softmax(a, dim=1), energy, steps
-        finally:
-            for p in net.parameters():
-                p.requires_grad_(True)
+                energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
+            class_state[:, 0], concept_state[:, 0] = a, s
+            return logits, p_c, torch.softmax(a, dim=1), energy, steps, class_state, concept_state
 
     @staticmethod
     def _total_energy(net: EnergyNetworks, h, g, a, s, fixed, given, lam, links) -> torch.Tensor:
@@ -642,28 +741,65 @@ class EnergyCBM(ConceptBottleneckModel):
             total = total + lam[2] * net.global_energy_soft(p_c, p_y, links)
         return total
 
+    # ------------------------------------------------------------------ the read-out
+    @staticmethod
+    def _concept_part(net: EnergyNetworks, p_c: torch.Tensor, links: LinkEdits,
+                      lam: tuple[float, float, float]) -> torch.Tensor:
+        """The concepts' part of the logits, ``-l_cy E_cy(c, y)`` [B, M]."""
+        return -lam[2] * net.global_energy_all(p_c, links)
+
+    @staticmethod
+    def _input_part(net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
+                    p_c: torch.Tensor, lam: tuple[float, float, float]) -> torch.Tensor:
+        """The rest of the logits, ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` [B, M] (the concept
+        energy is the same for every class)."""
+        rest = -lam[0] * net.class_energy_all(h)
+        return rest - lam[1] * net.concept_energy_from_parts(g_parts, p_c).sum(1, keepdim=True)
+
+    @classmethod
+    def _readout(cls, net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
+                 p_c: torch.Tensor, lam: tuple[float, float, float], links: LinkEdits) -> torch.Tensor:
+        """Exact class logits at concepts ``p_c``: minus the total energy of (x, y, c) for every class y."""
+        return cls._input_part(net, h, g_parts, p_c, lam) + cls._concept_part(net, p_c, links, lam)
+
+    def _parts(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input part, concept part) of the logits [N, C] at features ``x`` and concepts ``c``, on the CPU;
+        differentiable w.r.t. ``x`` (not w.r.t. the network's weights)."""
+        net, lam = self.net_.eval(), self.inference_weights_
+        c = c.detach().cpu().clamp(0, 1)
+        with _frozen(net):
+            h, g = net.encode(self._standardise(x.cpu()))
+            rest = self._input_part(net, h, net.concept_energy_parts(g), c, lam)
+            return rest, self._concept_part(net, c, self._links(), lam)
+
     # ------------------------------------------------------------------ the shared interface
     def concepts(self, x: Any) -> torch.Tensor:
         """Concept probabilities [N, K] from gradient inference."""
         return self.infer(x).concept_probs
 
     def decision_function(self, x: Any) -> torch.Tensor:
-        """Class logits [N, C] after gradient inference (see ``infer``)."""
-        return finite_output(self.infer(x).logits)
+        """Class logits [N, C] after gradient inference (see ``infer``). When ``x`` requires grad they are
+        differentiable w.r.t. it: the read-out at the inferred, detached concepts, whose gradient is that
+        of the minimised energy (envelope theorem; see the module docstring)."""
+        features = self._features(x)
+        inference = self.infer(features)
+        if not (features.requires_grad and torch.is_grad_enabled()):
+            return finite_output(inference.logits)
+        return finite_output(self._logits(features, inference.concept_probs))
 
     def predict_from_concepts(self, c: Any) -> torch.Tensor:
-        """Class logits from concepts alone: ``-E_cy(c, y)`` (the global energy's Boltzmann over classes)."""
+        """The concepts' part of the logits, ``-l_cy E_cy(c, y)`` [N, C] with the inference weight ``l_cy``
+        (its softmax over classes is the global energy's Boltzmann distribution at temperature 1 / l_cy);
+        ``decision_function(x) == predict_from_concepts(concepts(x)) + contribution_rest(x) -
+        contribution_baseline()``."""
         c = as_matrix(c, "concepts", len(self.concept_names_)).clamp(0, 1)
         with torch.no_grad():
-            return -self.net_.eval().global_energy_all(c, self._links())
+            return self._concept_part(self.net_.eval(), c, self._links(), self.inference_weights_)
 
     def _logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Exact class logits with every concept fixed: ``-(l_xy E_xy(x, y) + l_cy E_cy(c, y))``."""
-        lam = self._weights(self.intervention_weights, "intervention_weights")
-        net = self.net_.eval()
-        with torch.no_grad():
-            h, _ = net.encode(self._standardise(x))
-            return -(lam[0] * net.class_energy_all(h) + lam[2] * net.global_energy_all(c.clamp(0, 1), self._links()))
+        """Exact class logits with every concept fixed at ``c`` (the read-out, no optimisation)."""
+        rest, concept_part = self._parts(x, c)
+        return rest + concept_part
 
     def concept_reference(self, name: str, which: str) -> float:
         """"high"/"present" = 1, "low"/"absent" = 0."""
@@ -689,31 +825,47 @@ class EnergyCBM(ConceptBottleneckModel):
 
     def propagate(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any], *,
                   before: Inference | None = None) -> Propagation:
-        """Fix concepts (``{name: value}`` or ``(mask, values)``, values in [0, 1]), re-optimise the other
-        concepts and the class under ``intervention_weights`` starting from the inference without the
-        intervention under the same weights (so every move is due to the intervention), and report how
-        they moved. Pass ``before`` (an ``infer(x, weights=model.intervention_weights)`` result for
-        the same x) to skip re-running it."""
+        """Fix concepts (``{name: value}`` or ``(mask, values)``, values in [0, 1]), let the other concepts and
+        the class respond, and report how they moved. ``before`` is the model's own inference (its
+        prediction); the optimisation continues from it under the same inference weights, so an empty
+        intervention, or concepts fixed at their inferred values, move nothing, and every shift is
+        caused by the correction. Pass ``before`` (``model.infer(x)`` for the same x) to skip re-running it."""
         features = self._features(x)
         mask, given = self._intervention_mask(len(features), values)
-        before = before if before is not None else self.infer(features, weights=self.intervention_weights)
-        after = self.infer(features, mask, given, weights=self.intervention_weights, init=before)
+        before = before if before is not None else self.infer(features)
+        after = self.infer(features, mask, given, init=before)
         return Propagation(mask, before.concept_probs, after.concept_probs, before.logits, after.logits,
                            list(self.concept_names_), list(self.class_names_))
 
     def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
-        """Class log-probabilities [N, C] after fixing concepts and re-optimising the rest (see ``propagate``)."""
-        return self.propagate(x, values).logits_after
+        """Class logits [N, C] after fixing concepts and letting the rest respond (see ``propagate``): an
+        empty intervention gives ``decision_function(x)`` exactly; rows with every concept fixed get the
+        exact read-out at the given concepts (no inference)."""
+        features = self._features(x)
+        mask, given = self._intervention_mask(len(features), values)
+        if mask.all():
+            return finite_output(self.infer(features, mask, given).logits)
+        return finite_output(self.propagate(features, (mask, given)).logits_after)
 
     # ------------------------------------------------------------------ explanations
     def contribution_baseline(self) -> torch.Tensor:
-        """``-E_cy(baseline, y)`` [C] at the training concept frequencies, the start of the attribution path."""
+        """``predict_from_concepts`` [C] at the training concept frequencies, the start of the attribution path."""
         return self.predict_from_concepts(self.concept_prior_[None])[0]
 
+    def contribution_rest(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """The part of the logits [N, C] not attributed to concepts: ``contribution_baseline()`` plus
+        ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` at the inferred concepts (or ``concepts``), so that
+        ``contributions(x).sum(-1) + contribution_rest(x) == decision_function(x)`` (to float rounding)."""
+        features = self._features(x).detach()
+        c = self.concepts(features) if concepts is None else as_matrix(concepts, "concepts", len(self.concept_names_))
+        with torch.no_grad():
+            return self._parts(features, c)[0] + self.contribution_baseline()
+
     def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
-        """Exact integrated gradients of the concept logits ``-E_cy(c, y)`` [N, C, K] from the training
-        concept frequencies to ``c`` (the inferred concepts, or ``concepts``):
-        ``contributions.sum(-1) + contribution_baseline() == predict_from_concepts(c)``."""
+        """Exact integrated gradients of the concepts' part of the logits, ``-l_cy E_cy(c, y)`` [N, C, K], from
+        the training concept frequencies to ``c`` (the inferred concepts, or ``concepts``):
+        ``contributions.sum(-1) + contribution_baseline() == predict_from_concepts(c)`` and
+        ``contributions(x).sum(-1) + contribution_rest(x) == decision_function(x)``."""
         c = self.concepts(x) if concepts is None else as_matrix(concepts, "concepts", len(self.concept_names_))
         net = self.net_.eval()
         links = self._links()
@@ -738,7 +890,7 @@ class EnergyCBM(ConceptBottleneckModel):
             # dE/dc_k along the path = sum_h w_h 1[z_h > 0] scale_h slope_kh
             per_unit = fraction * scale * w  # [N, M, H]
             grad_integral = per_unit @ slope.T  # [N, M, K]
-            return -(grad_integral * (c_end - c_start))
+            return -self.inference_weights_[2] * (grad_integral * (c_end - c_start))
 
     # ------------------------------------------------------------------ conditional probabilities
     def _global_terms(self, links: LinkEdits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -918,7 +1070,10 @@ class EnergyCBM(ConceptBottleneckModel):
     def _from_manifest(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> EnergyCBM:
         state = manifest["state"]
         params = dict(manifest["params"])
-        for key in ("loss_weights", "inference_weights", "intervention_weights"):
+        if "intervention_weights" in params:  # older bundles; interventions now share the inference weights
+            logger.info("this bundle's intervention_weights %s are no longer used: interventions use the "
+                        "inference weights", params.pop("intervention_weights"))
+        for key in ("loss_weights", "inference_weights"):
             if params[key] != "auto":
                 params[key] = tuple(params[key])
         if isinstance(params.get("pseudo_threshold"), list):
@@ -945,8 +1100,7 @@ class EnergyCBM(ConceptBottleneckModel):
         model.concept_prior_, model.class_prior_ = tensors["concept_prior"].float(), tensors["class_prior"].float()
         model.link_mask_ = tensors["link_mask"].bool()
         model.link_value_ = tensors["link_value"].float()
-        model.inference_weights_ = model._weights(model.training_.get("inference_weights", (1.0, 1.0, 1.0)),
-                                                  "inference_weights")
+        model.inference_weights_ = model._inference_weights(model.training_.get("inference_weights", (1.0, 1.0, 1.0)))
         if bank is not None and (bank.names != model.concept_names_ or bank.dim != d):
             raise ValueError("the concept bank does not match the model's concepts or input width")
         return model
