@@ -141,7 +141,7 @@ class _Demo:
         images = load_dataset("toy:images@test", n=len(test))
         report = audit(pcbm, test, name="PCBM (toy:clip text concepts)", data_name="toy:images@test",
                        train=self.clip_data["train"], images=images, out=self.out / "audit", progress=self.progress)
-        self.row("PCBM oracle intervention gain, 20 concepts (accuracy)", report.summary["oracle_gain"])
+        self.row("PCBM greedy-oracle intervention gain, 20 concepts (accuracy)", report.summary["oracle_gain"])
         self.results["audit"] = {"html": str(report.paths["html"]),
                                  "top_suspects": [s["concept"] for s in report.data["suspects"][:3]]}
 

@@ -39,7 +39,6 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from cbm.embed import Embeddings, match_classes
 from cbm.models.base import ConceptBottleneckModel
 from cbm.models.temporal import VideoSequences
 from explain import metrics, plots, video
@@ -256,8 +255,6 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequen
         stages.update(1)
         return time.perf_counter()
 
-    data, train, shift = (match_classes(split, model.class_names) if isinstance(split, Embeddings) else split
-                          for split in (data, train, shift))
     view = make_view(model, data, data_name)
     if view.data.labels is None:
         raise ValueError("an audit needs class labels in the data.")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cbm.embed import Embeddings
+from cbm.embed import Embeddings, match_classes
 from cbm.models.base import ConceptBottleneckModel, as_labels, as_matrix, as_real_tensor
 from cbm.models.temporal import TemporalCBM, VideoSequences, decisive_windows, sequences_from_windows
 
@@ -98,7 +98,26 @@ def check_data(data: EvalData, n_classes: int) -> None:
             raise ValueError(f"the concept labels of {data.name} contain NaN or infinite values; use 0/1.")
 
 
-class ModelView:
+class RowView:
+    """What both views share: ``data`` (an EvalData, one row per sample or video) and ``logits``."""
+
+    data: EvalData
+    logits: torch.Tensor
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def check_rows(self, rows: Sequence[int]) -> list[int]:
+        """``rows`` as a list of sample positions, or a ValueError naming those outside the data."""
+        rows = [int(row) for row in rows]
+        outside = [row for row in rows if not 0 <= row < len(self.data)]
+        if outside:
+            raise ValueError(f"rows {outside[:5]} are outside {self.data.name}, which has samples 0..{len(self.data) - 1}.")
+        return rows
+
+
+class ModelView(RowView):
     """Batched, cached access to one fitted model's outputs on one split (see the module docstring)."""
 
     def __init__(self, model: ConceptBottleneckModel, data: EvalData) -> None:
@@ -176,24 +195,12 @@ class ModelView:
             out.append(logits.reshape(-1, k, logits.shape[1]))
         return torch.cat(out)
 
-    def check_rows(self, rows: Sequence[int]) -> list[int]:
-        """``rows`` as a list of sample positions, or a ValueError naming those outside the data."""
-        rows = [int(row) for row in rows]
-        outside = [row for row in rows if not 0 <= row < len(self.data)]
-        if outside:
-            raise ValueError(f"rows {outside[:5]} are outside {self.data.name}, which has samples 0..{len(self.data) - 1}.")
-        return rows
-
     def labels(self, purpose: str) -> torch.Tensor:
         """The data's class labels, or a ValueError saying that ``purpose`` needs them."""
         if self.data.labels is None:
             raise ValueError(f"{purpose} needs class labels, and {self.data.name} has none; pass (x, y) or "
                              "labelled Embeddings.")
         return self.data.labels
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
 
     def contributions(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``model.contributions`` [N, C, K] for the rows ``rows`` (all when None)."""
@@ -212,7 +219,7 @@ class ModelView:
                           for start, index in zip(range(0, len(rows), BATCH_ROWS), rows.split(BATCH_ROWS))]).float()
 
 
-class VideoView:
+class VideoView(RowView):
     """A temporal model's outputs on whole videos, computed once: the video counterpart of ModelView.
 
     It offers the part of ModelView that read-only explanations and metrics use, one row per video:
@@ -251,10 +258,6 @@ class VideoView:
         self.data = EvalData(averaged, labels, concept_labels, names, list(sequences.video_ids), name)
         check_data(self.data, len(self.class_names))
 
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
-
     @functools.cached_property
     def evidence(self) -> torch.Tensor:
         """The predicted class's evidence as each video unfolds [N, T] (:meth:`TemporalCBM.evidence_over_time`,
@@ -281,11 +284,14 @@ class VideoView:
 def make_view(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequences,
               name: str | None = None) -> ModelView | VideoView:
     """A VideoView for a temporal model (window Embeddings or VideoSequences), else a ModelView; a TypeError
-    naming the object when it is not a concept bottleneck model (e.g. a baseline without concepts)."""
+    naming the object when it is not a concept bottleneck model (e.g. a baseline without concepts). The classes
+    of Embeddings are matched to the model's by name (:func:`cbm.embed.match_classes`)."""
     if not isinstance(model, ConceptBottleneckModel):
         raise TypeError(f"{type(model).__name__} is not a concept bottleneck model (it has no concepts to explain); "
                         "explain works on the families of cbm.models (PosthocCBM, LaBoCBM, SparseCBM, EnergyCBM, "
                         "TemporalCBM).")
+    if isinstance(data, Embeddings):
+        data = match_classes(data, model.class_names)
     if isinstance(model, TemporalCBM):
         return VideoView(model, data, name or "data")
     return ModelView(model, as_data(data, name))

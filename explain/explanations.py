@@ -98,8 +98,10 @@ class SampleExplanation:
 
 def explain_samples(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None,
                     rows: list[int] | None = None, k: int = 5, counterfactuals: bool = True) -> list[SampleExplanation]:
-    """Top-``k`` contributions to the predicted class for the samples ``rows`` (default: the first 8)."""
+    """Top-``k`` contributions to the predicted class for the samples ``rows`` (default: the first 8), with a
+    counterfactual each where the family supports concept-level interventions (not video models)."""
     view = view_of(model, data)
+    counterfactuals = counterfactuals and isinstance(view, ModelView)
     rows = list(range(min(8, len(view.data)))) if rows is None else view.check_rows(rows)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (concepts shown per sample) must be a positive integer, got {k!r}.")
@@ -197,8 +199,12 @@ def concept_effects(model: ConceptBottleneckModel | ModelView, data: DataLike | 
 
 #: Most changes the exact counterfactual search tries (sets of 1..3 concepts, each at its "low" or "high").
 EXACT_MAX_CHANGES = 3
-#: Default most candidate change sets the exact search evaluates per sample (about 33 concepts at 3 changes).
+#: Default most candidate change sets the exact search evaluates per sample (about 33 concepts at 3 changes)
+#: where interventions only re-evaluate the head (linear heads, with or without a residual).
 EXACT_BUDGET = 50_000
+#: The same where every set is a full ``model.intervene`` call (e.g. ECBM re-infers the other concepts):
+#: 2 changes for up to 15 concepts, 1 change for up to 250.
+EXACT_BUDGET_INTERVENE = 500
 
 
 def exact_search_depth(n_concepts: int, max_changes: int, budget: int) -> int:
@@ -279,14 +285,15 @@ def _greedy_counterfactual(view: ModelView, row: int, options: torch.Tensor, ori
 
 def counterfactual(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None, *,
                    row: int = 0, target: str | None = None, max_changes: int = 8,
-                   exact_budget: int = EXACT_BUDGET) -> Counterfactual:
+                   exact_budget: int | None = None) -> Counterfactual:
     """A smallest set of concept changes that flips the prediction of sample ``row`` (to ``target``, default:
     to any other class); each changed concept goes to its "low" or "high" value (the family's
     references, else data percentiles).
 
     Exact where affordable: every set of 1, 2, then 3 changes (at most ``max_changes``) is tried, in batches,
-    as long as the number of sets stays within ``exact_budget`` per sample (with two values per concept,
-    3 changes fit for up to 33 concepts, 2 changes for up to 158); the flip with the largest margin among
+    as long as the number of sets stays within ``exact_budget`` per sample (default ``EXACT_BUDGET``, 50,000:
+    with two values per concept 3 changes fit for up to 33 concepts, 2 changes for up to 158; for families
+    whose interventions re-run the model, ``EXACT_BUDGET_INTERVENE``, 500); the flip with the largest margin among
     the smallest sets is returned (``search="exact"``). When no set that small flips it, or the budget
     allows no exact search, a greedy search follows (``search="greedy"``): each step keeps the change
     that most raises the target class over the rest, until the prediction flips or ``max_changes``.
@@ -294,9 +301,12 @@ def counterfactual(model: ConceptBottleneckModel | ModelView, data: DataLike | E
     """
     if isinstance(max_changes, bool) or not isinstance(max_changes, int) or max_changes < 1:
         raise ValueError(f"max_changes must be a positive integer, got {max_changes!r}.")
-    if isinstance(exact_budget, bool) or not isinstance(exact_budget, int) or exact_budget < 0:
+    if exact_budget is not None and (isinstance(exact_budget, bool) or not isinstance(exact_budget, int)
+                                     or exact_budget < 0):
         raise ValueError(f"exact_budget must be a non-negative integer (0: greedy only), got {exact_budget!r}.")
     view = concept_view(view_of(model, data), "counterfactual")
+    if exact_budget is None:
+        exact_budget = EXACT_BUDGET if view.additive else EXACT_BUDGET_INTERVENE
     (row,) = view.check_rows([row])
     options = torch.stack(concept_bounds(view))  # [2, K]: "low", "high"
     original = int(view.predictions[row])

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from cbm.backbones import Backbone
 from cbm.models.base import ConceptBottleneckModel
+from cbm.models.temporal import TemporalCBM
 from concepts.cavs import learn_cavs
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,11 @@ def _logits(head: Head, embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_gradients(head: Head, embeddings: torch.Tensor, target: int) -> torch.Tensor:
-    """Gradients [N, D] of logit ``target`` w.r.t. the embeddings (TCAV at the embedding layer)."""
+    """Gradients [N, D] of logit ``target`` w.r.t. the embeddings (TCAV at the embedding layer); video models,
+    whose logits depend on a sequence of window embeddings, are refused with a TypeError."""
+    if isinstance(head, TemporalCBM):
+        raise TypeError("TCAV at the embedding is not available for TemporalCBM (video) models: a class logit depends "
+                        "on a whole sequence of window embeddings, not on one embedding per sample.")
     x = torch.as_tensor(embeddings).float().detach().requires_grad_(True)
     _logits(head, x)[:, target].sum().backward()
     return x.grad.detach()
