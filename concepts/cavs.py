@@ -176,6 +176,12 @@ def _held_out(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, round(n * val_fraction)))
 
 
+def candidate_cs(solver: str, cs: Sequence[float]) -> tuple[float, ...]:
+    """The values of ``C`` a solver chooses among: ``cs`` sorted and without repeats; one for ``fastcav``,
+    which has no ``C``."""
+    return (1.0,) if solver == "fastcav" else tuple(sorted({float(c) for c in cs}))
+
+
 def min_examples(val_fraction: float = 0.5, selecting: bool = True) -> int:
     """The fewest examples per side :func:`learn_cavs` accepts: 2, or with a choice of ``C`` to
     make, enough to leave 2 in the training part for cross-validation."""
@@ -218,7 +224,7 @@ def learn_cavs(positives: Mapping[str, torch.Tensor], negatives: Mapping[str, to
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
     if solver not in ("torch", "sklearn", "fastcav"):
         raise ValueError(f"solver must be 'torch', 'sklearn' or 'fastcav', got {solver!r}.")
-    cs = (1.0,) if solver == "fastcav" else tuple(sorted({float(c) for c in cs}))
+    cs = candidate_cs(solver, cs)
     if not cs or not all(0 < c < math.inf for c in cs):
         raise ValueError(f"C values must be positive finite numbers, got {cs}.")
     if not (isinstance(folds, numbers.Integral) and folds >= 2):
@@ -308,7 +314,7 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
         raise ValueError("features and concept_labels must not contain NaN or infinite values; drop those rows first.")
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}.")
-    selecting = learn_kwargs.get("solver", "torch") != "fastcav" and len(set(learn_kwargs.get("cs", DEFAULT_CS))) > 1
+    selecting = len(candidate_cs(learn_kwargs.get("solver", "torch"), learn_kwargs.get("cs", DEFAULT_CS))) > 1
     needed = min_examples(learn_kwargs.get("val_fraction", 0.5), selecting)
     if max_positives is not None and not (isinstance(max_positives, numbers.Integral) and max_positives >= needed):
         raise ValueError(f"max_positives must be an integer of at least {needed} (or None for all), "

@@ -58,10 +58,12 @@ def normalise_class_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-def match_class_names(names: Sequence[str], class_names: Sequence[str], what: str = "candidates") -> dict[str, str]:
+def match_class_names(names: Sequence[str], class_names: Sequence[str], what: str = "candidates", *,
+                      strict: bool = True) -> dict[str, str]:
     """``name -> data class name`` for each of ``names``: exact, else equal after ``normalise_class_name``.
 
-    Names matching no class (or several after normalising) raise one ValueError that lists them."""
+    Names matching no class (or several after normalising) raise one ValueError that lists them; with
+    ``strict=False`` they are left out of the result instead."""
     by_key: dict[str, list[str]] = {}
     for name in class_names:
         by_key.setdefault(normalise_class_name(name), []).append(name)
@@ -72,7 +74,7 @@ def match_class_names(names: Sequence[str], class_names: Sequence[str], what: st
             matched[name] = options[0]
         else:
             unmatched.append(name)
-    if unmatched:
+    if unmatched and strict:
         raise ValueError(f"{what} name {len(unmatched)} classes that match no class of the data even ignoring case, "
                          f"spaces and underscores: {unmatched[:20]} (data classes: {list(class_names)[:10]}"
                          f"{' ...' if len(class_names) > 10 else ''}).")

@@ -248,8 +248,9 @@ class LinkEdits:
 class Inference:
     """Result of gradient inference per sample: class logits (the exact read-out, see ``infer``),
     concept probabilities, the relaxed class variable, the final total energy, the optimisation steps
-    taken (in all, when an intervention continued it), and the optimiser's state from which an intervention continues: for the class [N, 3, C] and
-    the concepts [N, 3, K], the pre-activations and Adam's first and second moments."""
+    taken (in all, when an intervention continued it), and the optimiser's state from which an
+    intervention continues: for the class [N, 3, C] and the concepts [N, 3, K], the pre-activations and
+    Adam's first and second moments."""
 
     logits: torch.Tensor
     concept_probs: torch.Tensor
@@ -649,7 +650,7 @@ class EnergyCBM(ConceptBottleneckModel):
             return self._optimise(features, fixed, given, lam, None, device)
         if len(init.logits) != n:
             raise ValueError(f"init must be an inference of the same {n} samples, got {len(init.logits)} rows.")
-        todo = torch.nonzero(~(~fixed | (given == init.concept_probs)).all(1)).flatten()
+        todo = torch.nonzero((fixed & (given != init.concept_probs)).any(1)).flatten()
         result = init.take(torch.arange(n))
         if len(todo):
             result.put(todo, self._optimise(features[todo], fixed[todo], given[todo], lam, init.take(todo), device))

@@ -50,7 +50,7 @@ from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation
                              prepare_validation, split_validation)
 from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
-from concepts.select import normalise_class_name
+from concepts.select import match_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -166,20 +166,17 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
                              "concepts.select_concepts); pass prior={class: [concepts]} or prior='none'.")
         column = {name: i for i, name in enumerate(names)}
         row = {name: i for i, name in enumerate(class_names)}
-        for i, name in enumerate(class_names):
-            row.setdefault(normalise_class_name(name), i)
-        mapping = {name if name in row else normalise_class_name(name): concepts for name, concepts in mapping.items()}
-        unknown = [name for name in mapping if name not in row]
-        if len(unknown) == len(mapping):
+        matched = match_class_names(list(mapping), class_names, strict=False)
+        unknown = [name for name in mapping if name not in matched]
+        if not matched:
             raise ValueError(f"none of the prior's classes ({list(mapping)[:5]}) is a class of the data "
                              f"({class_names[:5]}).")
         if unknown:
             logger.warning("the prior names %d classes the data lacks (ignored): %s", len(unknown), unknown[:5])
-        for name, concepts in mapping.items():
-            if name in row:
-                for concept in concepts:
-                    if concept in column:
-                        matrix[row[name], column[concept]] = 1.0
+        for name, class_name in matched.items():
+            for concept in mapping[name]:
+                if concept in column:
+                    matrix[row[class_name], column[concept]] = 1.0
         return matrix
 
     # ------------------------------------------------------------------ fitting
