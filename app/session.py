@@ -57,7 +57,7 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
     path = Path(cache_dir or default_cache_dir()) / "models" / "toy_pcbm.cbm"
     if not path.exists():
         from cbm.backbones import load_backbone
-        from cbm.demo import toy_embeddings, toy_text_bank
+        from cbm.toy import toy_embeddings, toy_text_bank
         from cbm.models import PosthocCBM
 
         clip = load_backbone("toy:clip")

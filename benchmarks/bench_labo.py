@@ -30,7 +30,7 @@ from concepts import ConceptBank
 def toy_data(sizes: dict[str, int], cache_dir: str | None, k: int):
     from cbm.backbones import load_backbone
     from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
-    from cbm.demo import toy_embeddings
+    from cbm.toy import toy_embeddings
     from concepts import from_class_concept_matrix, select_concepts
 
     clip = load_backbone("toy:clip", device="cpu")

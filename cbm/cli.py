@@ -163,9 +163,8 @@ def _bank_for(source: str, backbone, train, templates: Sequence[str] | None = No
     from a candidates file (a class -> concepts JSON such as LaBo's class2concepts.json, a YAML or a .txt
     list), the Candidates themselves: labo selects from them on its own training rows, the other
     families encode all of them with ``templates``."""
+    from cbm.toy import label_cav_bank, toy_text_bank
     from concepts import ConceptBank, from_list
-
-    from cbm.demo import label_cav_bank, toy_text_bank
 
     if source == "labels":
         if train.concept_labels is None:
@@ -207,10 +206,9 @@ def _require_text_bank(args: argparse.Namespace, bank) -> None:
 
 
 def _fit_labo(args: argparse.Namespace, bank, train, validation, backbone=None):
-    from concepts import Candidates, select_concepts
-
-    from cbm.demo import toy_language_prior
     from cbm.models import LaBoCBM, few_shot
+    from cbm.toy import toy_language_prior
+    from concepts import Candidates, select_concepts
 
     shots = args.shots if args.shots == "all" else int(args.shots)
     subset = few_shot(train, shots, seed=args.seed)

@@ -34,7 +34,7 @@ def toy_splits(tmp_path_factory) -> Callable:
     """``toy_splits(spec, dataset="toy:images", sizes=None)`` -> ``(backbone, {split: Embeddings})``
     for a shipped model (``toy:clip``/``toy:cnn``); ``sizes`` picks the first n samples of each split."""
     from cbm.backbones import load_backbone
-    from cbm.demo import toy_embeddings
+    from cbm.toy import toy_embeddings
 
     cache_dir = tmp_path_factory.mktemp("toy_cache")
     embedded: dict = {}

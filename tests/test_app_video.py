@@ -7,16 +7,16 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 from test_app import EDITOR
-from tiny_models import capture_app_launch
 from test_models_temporal import CONCEPTS, _directions, make_videos
+from tiny_models import capture_app_launch
 
 import explain.plots
 from app.session import DEFAULT_VIDEO_DATA, EditorSession, default_data
 from cbm.backbones import load_backbone
 from cbm.data.toy import ToyVideos
-from cbm.demo import toy_text_bank
 from cbm.embed import embed
 from cbm.models import TemporalCBM, load, sequences_from_windows
+from cbm.toy import toy_text_bank
 from concepts import ConceptBank
 
 

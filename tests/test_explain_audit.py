@@ -117,8 +117,8 @@ def tiny_bundle(tmp_path_factory):
 
     from cbm.backbones import load_backbone
     from cbm.data.registry import register_dataset_scheme
-    from cbm.demo import label_cav_bank
     from cbm.embed import embed
+    from cbm.toy import label_cav_bank
 
     root = tmp_path_factory.mktemp("tiny")
     register_dataset_scheme("explainsquares", lambda path, split, options: ColourSquares(n=60, tag=split or "a"),

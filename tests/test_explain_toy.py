@@ -8,8 +8,8 @@ import explain
 from cbm.backbones import TOY_SPECS
 from cbm.data.registry import load_dataset
 from cbm.data.toy import CLASS_NAMES, SPURIOUS_BACKGROUND, class_concept_matrix
-from cbm.demo import label_cav_bank, toy_text_bank
 from cbm.models import PosthocCBM
+from cbm.toy import label_cav_bank, toy_text_bank
 
 pytestmark = pytest.mark.skipif(not all(path.is_dir() for path in TOY_SPECS.values()),
                                 reason="the shipped toy models are missing (python -m cbm.toymodels.train)")

@@ -150,8 +150,8 @@ def test_cbm_audit_command_on_a_saved_temporal_bundle(tmp_path, capsys):
     from cbm.backbones import load_backbone
     from cbm.cli import main
     from cbm.data.toy import ToyVideos
-    from cbm.demo import toy_text_bank
     from cbm.embed import embed
+    from cbm.toy import toy_text_bank
 
     torch.set_num_threads(1)
     clip = load_backbone("toy:clip", device="cpu")

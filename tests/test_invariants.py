@@ -21,9 +21,9 @@ import explain
 from cbm.backbones import TOY_SPECS
 from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
 from cbm.models import EnergyCBM, LaBoCBM, PosthocCBM, SparseCBM, TemporalCBM
-from cbm.models.labo import LinearProbe
+from cbm.models.baselines import LinearProbe, TimeAveragedCBM
 from cbm.models.sparse import ConceptMatrixSearch
-from cbm.models.temporal import TimeAveragedCBM, sequences_from_windows
+from cbm.models.temporal import sequences_from_windows
 
 pytestmark = pytest.mark.skipif(not all(path.is_dir() for path in TOY_SPECS.values()),
                                 reason="the shipped toy models are missing (python -m cbm.toymodels.train)")
@@ -54,7 +54,7 @@ def _fit(name: str, bank, train, val):
 @pytest.fixture(scope="module")
 def world(toy_splits):
     """The toy:clip backbone, its image splits, the world's text bank and lazily fitted models."""
-    from cbm.demo import toy_text_bank
+    from cbm.toy import toy_text_bank
 
     backbone, splits = toy_splits("toy:clip", "toy:images", SIZES)
     bank = toy_text_bank(backbone)
@@ -71,9 +71,10 @@ def world(toy_splits):
 @pytest.fixture(scope="module")
 def videos(world, tmp_path_factory):
     """Toy videos embedded with toy:clip (window Embeddings per split) and a MoTIF model on them."""
+    from conftest import all_cores
+
     from cbm.data.toy import ToyVideos
     from cbm.embed import embed
-    from conftest import all_cores
 
     cache = tmp_path_factory.mktemp("invariant-videos")
     windows = {}

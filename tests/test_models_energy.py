@@ -12,7 +12,8 @@ from tiny_models import rewrite_manifest
 
 from cbm.backbones import TOY_SPECS
 from cbm.models import BundleError, load
-from cbm.models.energy import EnergyCBM, JointCBMBaseline, conditional_table, pearson_r
+from cbm.models.baselines import JointCBMBaseline
+from cbm.models.energy import EnergyCBM, conditional_table, pearson_r
 from concepts.bank import ConceptBank
 
 K, M, D = 8, 4, 24

@@ -12,7 +12,14 @@ import torch
 from tiny_models import rewrite_manifest
 
 from cbm.models import BundleError, load
-from cbm.models.labo import FEW_SHOTS, LaBoCBM, LinearProbe, few_shot, few_shot_indices, few_shot_protocol
+from cbm.models.baselines import LinearProbe
+from cbm.models.labo import (
+    FEW_SHOTS,
+    LaBoCBM,
+    few_shot,
+    few_shot_indices,
+    few_shot_protocol,
+)
 from concepts.bank import ConceptBank
 
 C, K, D = 6, 24, 48

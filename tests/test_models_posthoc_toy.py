@@ -5,8 +5,8 @@ import torch
 
 from cbm.backbones import TOY_SPECS
 from cbm.data.toy import CONCEPT_GROUPS
-from cbm.demo import label_cav_bank, toy_text_bank
 from cbm.models import PosthocCBM
+from cbm.toy import label_cav_bank, toy_text_bank
 from cbm.toymodels.quality import linear_probe
 
 pytestmark = pytest.mark.skipif(not all(path.is_dir() for path in TOY_SPECS.values()),

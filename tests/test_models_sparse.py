@@ -6,14 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from cbm.models import BundleError, load
-from cbm.models.labo import LinearProbe
-from cbm.models.sparse import (ConceptMatrixSearch, SparseCBM, alignment_loss, concept_matrix_search, contrastive_loss,
-                               gumbel_loss, top_share)
-from concepts.bank import ConceptBank
 from test_models_labo import TOY_MISSING, make_world, toy  # noqa: F401 (toy: a shared fixture)
 from tiny_models import rewrite_manifest
+
+from cbm.models import BundleError, load
+from cbm.models.baselines import LinearProbe
+from cbm.models.sparse import (
+    ConceptMatrixSearch,
+    SparseCBM,
+    alignment_loss,
+    concept_matrix_search,
+    contrastive_loss,
+    gumbel_loss,
+    top_share,
+)
+from concepts.bank import ConceptBank
 
 C, K = 6, 24
 

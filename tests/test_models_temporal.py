@@ -11,9 +11,9 @@ from conftest import all_cores
 
 from cbm.embed import Embeddings
 from cbm.models import BundleError, load
+from cbm.models.baselines import TimeAveragedCBM
 from cbm.models.temporal import (
     TemporalCBM,
-    TimeAveragedCBM,
     VideoSequences,
     decisive_windows,
     localisation_hits,
@@ -374,8 +374,8 @@ needs_toy_clip = pytest.mark.skipif(not TOY_CLIP.exists(), reason="the toy CLIP 
 def toy_videos(tmp_path_factory):
     from cbm.backbones import load_backbone
     from cbm.data.toy import ToyVideos
-    from cbm.demo import toy_text_bank
     from cbm.embed import embed
+    from cbm.toy import toy_text_bank
 
     torch.set_num_threads(1)
     clip = load_backbone("toy:clip", device="cpu")

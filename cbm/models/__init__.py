@@ -4,12 +4,13 @@ Importing this package registers every family, so ``load`` can read any bundle.
 """
 
 from cbm.models.base import FAMILIES, ConceptBottleneckModel, EditRecord, load
+from cbm.models.baselines import LinearProbe, TimeAveragedCBM
 from cbm.models.bundle import BundleError
 from cbm.models.energy import EnergyCBM
-from cbm.models.labo import LaBoCBM, LinearProbe, few_shot, few_shot_protocol
+from cbm.models.labo import LaBoCBM, few_shot, few_shot_protocol
 from cbm.models.posthoc import PosthocCBM
 from cbm.models.sparse import ConceptMatrixSearch, SparseCBM
-from cbm.models.temporal import TemporalCBM, TimeAveragedCBM, VideoSequences, sequences_from_windows
+from cbm.models.temporal import TemporalCBM, VideoSequences, sequences_from_windows
 
 __all__ = [
     "FAMILIES",

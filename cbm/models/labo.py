@@ -45,9 +45,19 @@ from torch import nn
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common,
-                             accuracy, as_labels, as_matrix, bank_from_state, bank_state, check_tensors, labels_of,
-                             prepare_validation, split_validation)
+from cbm.models.base import (
+    ConceptBottleneckModel,
+    LinearHeadEdits,
+    Validation,
+    _restore_common,
+    accuracy,
+    as_matrix,
+    bank_from_state,
+    bank_state,
+    check_tensors,
+    prepare_validation,
+)
+from cbm.models.baselines import LinearProbe
 from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
 from concepts.select import match_class_names
@@ -347,90 +357,6 @@ def few_shot(data: Embeddings | tuple[Any, Any], shots: int | str, seed: int = 1
     x, y = data
     index = few_shot_indices(y, shots, seed)
     return x[index], y[index]
-
-
-class LinearProbe:
-    """The black-box baseline: multinomial L2 logistic regression on L2-normalised, standardised features,
-    C chosen on validation accuracy over a log grid and then refined around the best (CoOp's protocol).
-
-    The objective is scikit-learn's (``C * sum of cross-entropies + ||W||^2 / 2``, intercept unpenalised),
-    solved full-batch with torch L-BFGS in float64, warm-started along the grid: scikit-learn's lbfgs
-    needs minutes on separable few-shot data at large C.
-    """
-
-    def __init__(self, cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), refine: int = 3,
-                 normalize: bool = True, max_iter: int = 300) -> None:
-        self.cs = cs
-        self.refine = refine
-        self.normalize = normalize
-        self.max_iter = max_iter
-
-    def _prepare(self, x: Any) -> torch.Tensor:
-        x = as_matrix(x, "x").double()
-        if self.normalize:
-            x = nn.functional.normalize(x, dim=1)
-        return x
-
-    def _solve(self, x: torch.Tensor, y: torch.Tensor, c: float, start: torch.Tensor) -> torch.Tensor:
-        params = start.clone().requires_grad_(True)
-        optimiser = torch.optim.LBFGS([params], lr=1, max_iter=self.max_iter, tolerance_grad=1e-7,
-                                      tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-
-        def closure() -> torch.Tensor:
-            optimiser.zero_grad()
-            loss = (nn.functional.cross_entropy(design @ params, y, reduction="mean")
-                    + params[:-1].pow(2).sum() / (2 * c * len(x)))
-            loss.backward()
-            return loss
-
-        optimiser.step(closure)
-        return params.detach()
-
-    def fit(self, x: Any, y: Any = None, *, validation: Validation = None, seed: int = 0) -> LinearProbe:
-        y = labels_of(x, y)
-        features = as_matrix(x, "x")
-        labels = as_labels(y, len(features))
-        train_x, train_y, val_x, val_y, self.validation_ = split_validation(features, labels, validation, seed)
-        train_x, val_x = self._prepare(train_x), self._prepare(val_x)
-        val_y = torch.as_tensor(np.asarray(val_y)).long()
-        self.mean_, self.std_ = train_x.mean(0), train_x.std(0).clamp(min=1e-8) if len(train_x) > 1 else 1.0
-        train_x, val_x = (train_x - self.mean_) / self.std_, (val_x - self.mean_) / self.std_
-        n_classes = max(int(train_y.max()), int(val_y.max())) + 1
-        tried: dict[float, tuple[float, torch.Tensor]] = {}
-        previous = torch.zeros(train_x.shape[1] + 1, n_classes, dtype=torch.float64)
-
-        def attempt(c: float) -> None:
-            nonlocal previous
-            if c not in tried:
-                params = self._solve(train_x, train_y, c, previous)
-                previous = params
-                logits = torch.cat([val_x, torch.ones(len(val_x), 1, dtype=val_x.dtype)], dim=1) @ params
-                tried[c] = (float((logits.argmax(1) == val_y).double().mean()), params)
-
-        for c in sorted(float(c) for c in self.cs):
-            attempt(c)
-        step = 10.0
-        for _ in range(self.refine):  # bisect (in log space) around the best C so far
-            step = math.sqrt(step)
-            best_c = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
-            attempt(best_c / step)
-            attempt(best_c * step)
-        self.C_ = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
-        self.val_accuracy_, self.params_ = tried[self.C_]
-        self.tried_ = {c: score for c, (score, _) in sorted(tried.items())}
-        return self
-
-    def decision_function(self, x: Any) -> torch.Tensor:
-        features = (self._prepare(x) - self.mean_) / self.std_
-        return torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1) @ self.params_
-
-    def predict(self, x: Any) -> np.ndarray:
-        return self.decision_function(x).argmax(1).numpy()
-
-    def score(self, x: Any, y: Any = None) -> float:
-        y = labels_of(x, y)
-        return float(np.mean(self.predict(x) == np.asarray(y)))
 
 
 def few_shot_protocol(make_model: Callable[[], Any], train: Embeddings, val: Embeddings, test: Embeddings, *,

@@ -1,109 +1,43 @@
-"""Energy-Based Concept Bottleneck Models (Xu et al., ICLR 2024): ``EnergyCBM``.
-
-Three energy networks over frozen, standardised embeddings ``f(x)`` (hidden width ``hidden``):
-
-- class energy ``E_xy(x, y) = w . ReLU(h + h * u_y)`` with ``h = W_xy f(x)`` and unit class embeddings ``u``;
-- concept energy ``E_xc(x, c_k = j) = w_k . ReLU(g + g * v_kj)`` with ``g = W_xc f(x)`` and two learned
-  embeddings per concept (``v_k0`` absent, ``v_k1`` present);
-- global energy ``E_cy(c, y) = w . ReLU(e + e * u_y)`` with ``e = P [v_{1,c_1}; ...; v_{K,c_K}]``.
-
-Each is trained with the negative log-likelihood of its Boltzmann distribution (classes given x, each
-concept given x, classes given concepts), weighted ``loss_weights`` = (class, concept, global), real
-valued, default (3, 1, 1). The global energy sees ground-truth concepts with random flips
-(``flip_samples`` of a batch get ``flip_concepts`` of their concepts flipped). Training stops early
-on the validation loss (a seeded 10% of train when no validation data is given, never test data)
-and keeps the best epoch.
-
-Inference relaxes the class to ``softmax(a)`` and each concept to ``sigmoid(b_k)`` and minimises the
-weighted total energy ``E = l_xy E_xy + l_xc E_xc + l_cy E_cy`` (``inference_weights``) with Adam, per
-sample, batched, until the relative change of each sample's energy stays under ``tol`` for ``patience``
-steps (a converged sample is frozen, so a sample's result does not depend on the batch it is in). Soft
-concepts enter every energy by mixing their two embeddings, ``(1 - p) v_k0 + p v_k1``; the class likewise
-mixes the class embeddings. The class is then read out exactly at the inferred concepts ``c``: the logit
-of class y is minus the total energy of (x, y, c),
-``logits[y] = -(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k) + l_cy E_cy(c, y))``, whose softmax is the
-Boltzmann distribution over the discrete class given x and c (the concept term is the same for every
-class; it makes the logit the minimised energy, see gradients below).
-
-One inference configuration serves prediction and every intervention: an intervention fixes concepts
-and continues the optimisation from the unintervened solution (class and concept variables) under the
-same weights, so a null intervention (an empty mask, or fixed values equal to the inferred ones) returns
-the prediction exactly, and every move of the other concepts is caused by the correction. With every
-concept fixed, the read-out alone gives the logits (no optimisation).
-
-Gradients w.r.t. the input (TCAV at the embedding): when ``x`` requires grad, ``decision_function``
-recomputes the read-out at the inferred, detached concepts, so its gradient is the partial derivative
-``-d/dx (l_xy E_xy + l_xc E_xc)`` at the optimum. By the envelope theorem this is the gradient of minus
-the minimised energy ``-min_c E(x, y, c)`` for the class the relaxed optimum settled on (the concepts'
-own response to x drops out at a minimum); for the other classes it is the same partial derivative at
-the shared optimum, a first-order approximation.
-
-The reference setting (``REFERENCE_SETTING``, ``EnergyCBM.reference()``): the reference objective
-(``global_concept_weight=0``), inference weights (1, 1, 0.01), the reference's network width, loss
-weights and augmentation, and the exact class read-out above.
-
-Departures from the reference code, on purpose (see docs/recipes/energy_cub.md):
-
-- the global energy mixes the concept embeddings by the soft probabilities, so it passes gradients to
-  the concept variables (the reference thresholds them at 0.5, so a corrected concept never moves
-  the others);
-- one convention for "present" (``v_k1``) in both the concept and the global energy;
-- loss weights are real numbers (the reference truncates them to integers);
-- ``global_concept_weight`` adds the pseudo-likelihood of each concept given the others and the
-  class under ``exp(-E_cy)``. The reference only trains ``E_cy`` to rank classes, which leaves
-  ``exp(-E_cy(., y))`` over concepts (what Propositions 3.2-3.5 normalise) unconstrained; this term
-  makes the conditional probabilities read off the energy identifiable. Set it to 0 for the
-  reference's objective.
-- Adam (lr 1e-3) on frozen embeddings instead of SGD on a fine-tuned ResNet; the relative
-  convergence test replaces the reference's absolute ``delta=1``.
-- interventions use the inference weights and continue from the unintervened solution; the reference
-  resets the class variables and re-optimises with the global energy alone (weights 0/0/3), so its
-  "nothing corrected" point is not its prediction.
-- the class is read out exactly from the discrete class energies at the inferred concepts rather than
-  as the argmax of the relaxed class variable (kept as ``relaxed_class_probs``).
-
-Conditional probabilities (Propositions 3.2-3.5) are expectations under ``p(c | y) ~ exp(-E_cy(c, y))``:
-exact by enumeration up to ``exact_max_concepts`` concepts, else by batched Gibbs sampling with
-Rao-Blackwellised marginals; ``p(c_k | c_j)`` mixes the classes by their training frequency.
-``empirical_conditionals`` gives the reference's estimates from predictions, for comparison.
-
-Explanations (``contributions``): the global energy is affine in the concepts before its ReLU, so
-integrated gradients of the concepts' part of the logits, ``-l_cy E_cy(c, y)`` (``predict_from_concepts``),
-from the training concept frequencies to ``c`` have a closed form. They decompose the logits exactly:
-``contributions(x).sum(-1) + contribution_baseline() + contribution_rest(x) == decision_function(x)``,
-where the rest ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` is the part that does not pass through
-the global energy (and ``contributions.sum(-1) + contribution_baseline() == predict_from_concepts(c)``).
-
-Edits cut a concept's link into the global energy for some classes: for those classes ``E_cy`` sees
-the concept at a fixed value (``prune``: its training frequency; ``set_value``: a given value).
-
-Concepts come from concept labels (given, or carried by an ``Embeddings``) or, when the data has
-none, from a concept bank as pseudo-labels: a concept is "present" where the bank's score exceeds a
-per-concept threshold (``pseudo_threshold``: "auto" = margin > 0 for CAV banks and the top 20% of
-training scores, i.e. above the 0.8 quantile, for text banks; a number in (0, 1) is a quantile;
-``("value", t)`` an absolute threshold). The rule and thresholds are recorded in ``training_``.
-"""
+"""``EnergyCBM``: fitting, the shared interface, explanations and edits (see the package docstring)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, EditRecord, Validation, _restore_common, accuracy, as_labels,
-                             as_matrix, bank_from_state, bank_state, check_intervention, finite_output, holdout_split,
-                             intervention_pair, split_validation)
+from cbm.models.base import (
+    ConceptBottleneckModel,
+    EditRecord,
+    Validation,
+    _restore_common,
+    accuracy,
+    as_labels,
+    as_matrix,
+    bank_from_state,
+    bank_state,
+    check_intervention,
+    finite_output,
+    holdout_split,
+    intervention_pair,
+    split_validation,
+)
+from cbm.models.energy.conditionals import EnergyConditionals
+from cbm.models.energy.inference import (
+    Inference,
+    Propagation,
+    concept_part,
+    infer_batch,
+    input_part,
+)
+from cbm.models.energy.networks import EnergyNetworks, LinkEdits, frozen
 from cbm.models.streaming import Rows, Stream, should_stream
 from concepts.bank import ConceptBank
 
@@ -120,203 +54,7 @@ REFERENCE_SETTING: dict[str, Any] = {
     "batch_size": 64, "max_epochs": 300, "inference_lr": 0.1, "inference_patience": 10}
 
 
-# ---------------------------------------------------------------------------------------------------- networks
-class EnergyNetworks(nn.Module):
-    """The three energy networks; every energy is returned per sample (lower = more compatible)."""
-
-    def __init__(self, n_features: int, n_concepts: int, n_classes: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.k, self.m, self.hidden = n_concepts, n_classes, hidden
-        self.x_to_y = nn.Linear(n_features, hidden)
-        self.x_to_c = nn.Linear(n_features, hidden)
-        self.class_embedding = nn.Parameter(torch.randn(n_classes, hidden) / math.sqrt(hidden))
-        self.concept_embedding = nn.Parameter(torch.randn(n_concepts, 2, hidden) / math.sqrt(hidden))
-        self.class_out = nn.Linear(hidden, 1)
-        self.concept_out_weight = nn.Parameter(torch.randn(n_concepts, hidden) / math.sqrt(hidden))
-        self.concept_out_bias = nn.Parameter(torch.zeros(n_concepts))
-        self.concept_proj = nn.Linear(n_concepts * hidden, hidden)
-        self.global_out = nn.Linear(hidden, 1)
-        self.dropout = nn.Dropout(dropout)
-
-    # -- pieces
-    def units(self) -> torch.Tensor:
-        """Unit class embeddings [M, H]."""
-        return F.normalize(self.class_embedding, dim=1)
-
-    def global_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``e(c) = base + c @ slope``: the projection of the mixed concept embeddings is affine in c."""
-        weight = self.concept_proj.weight.view(self.hidden, self.k, self.hidden)  # [out, K, in]
-        projected = torch.einsum("okh,kjh->kjo", weight, self.concept_embedding)  # [K, 2, out]
-        base = projected[:, 0].sum(0) + self.concept_proj.bias
-        return base, projected[:, 1] - projected[:, 0]
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dropout(self.x_to_y(x)), self.dropout(self.x_to_c(x))
-
-    # -- class energy
-    def class_energy_all(self, h: torch.Tensor) -> torch.Tensor:
-        """E_xy for every class [B, M]."""
-        return self.class_out(F.relu(h[:, None] * (1 + self.units()[None]))).squeeze(-1)
-
-    def class_energy_soft(self, h: torch.Tensor, p_y: torch.Tensor) -> torch.Tensor:
-        """E_xy at relaxed classes p_y [B, M]: the class embedding is the normalised mixture [B]."""
-        u = F.normalize(p_y @ self.units(), dim=1)
-        return self.class_out(F.relu(h * (1 + u))).squeeze(-1)
-
-    # -- concept energy
-    def concept_energy_both(self, g: torch.Tensor) -> torch.Tensor:
-        """E_xc for both values of every concept [B, K, 2]."""
-        z = F.relu(g[:, None, None] * (1 + self.concept_embedding[None]))  # [B, K, 2, H]
-        return torch.einsum("bkjh,kh->bkj", z, self.concept_out_weight) + self.concept_out_bias[:, None]
-
-    def concept_energy_soft(self, g: torch.Tensor, p_c: torch.Tensor) -> torch.Tensor:
-        """E_xc at relaxed concepts p_c [B, K] (mixed embeddings) [B, K]."""
-        v0, v1 = self.concept_embedding[:, 0], self.concept_embedding[:, 1]
-        v = v0[None] + p_c[..., None] * (v1 - v0)[None]
-        z = F.relu(g[:, None] * (1 + v))
-        return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
-
-    def concept_energy_parts(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-batch constants of ``concept_energy_soft``: its pre-activation is ``z0 + p * dz``."""
-        v0, v1 = self.concept_embedding[:, 0], self.concept_embedding[:, 1]
-        return g[:, None] * (1 + v0)[None], g[:, None] * (v1 - v0)[None]
-
-    def concept_energy_from_parts(self, parts: tuple[torch.Tensor, torch.Tensor], p_c: torch.Tensor) -> torch.Tensor:
-        z = F.relu(parts[0] + p_c[..., None] * parts[1])
-        return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
-
-    # -- global energy
-    def global_from_e(self, e: torch.Tensor) -> torch.Tensor:
-        """E_cy for every class from pre-activations e [B, H] (shared by the classes) or [B, M, H] -> [B, M].
-
-        Decided by the number of dimensions, not the shape: a batch of B == M rows is still a batch."""
-        u = self.units()
-        if e.ndim == 2:
-            e = e.unsqueeze(1)
-        return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
-
-    def global_e(self, p_c: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
-        """Pre-activations [B, H], or [B, M, H] when some links are edited."""
-        base, slope = self.global_affine()
-        e = base + p_c @ slope
-        if links is None or links.is_identity:
-            return e
-        mask, value = links.mask.to(e.device), links.value.to(e.device)
-        # for class m, concept k sees value[m, k] instead of p_c[:, k] where mask[m, k] is False
-        delta = torch.einsum("mk,bmk,kh->bmh", (~mask).float(), value[None] - p_c[:, None], slope)
-        return e[:, None] + delta
-
-    def global_energy_all(self, p_c: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
-        """E_cy(c, y) for every class [B, M]."""
-        return self.global_from_e(self.global_e(p_c, links))
-
-    def global_energy_soft(self, p_c: torch.Tensor, p_y: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
-        """E_cy at relaxed concepts and class [B]."""
-        e = self.global_e(p_c, links)
-        if e.ndim == 3:
-            e = (p_y[..., None] * e).sum(1)
-        u = F.normalize(p_y @ self.units(), dim=1)
-        return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
-
-
-@contextmanager
-def _frozen(net: nn.Module) -> Iterator[None]:
-    """The network's weights out of autograd while the block runs (inference and read-outs never train)."""
-    for p in net.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
-
-
-@dataclass
-class LinkEdits:
-    """Which concepts feed the global energy of which class (``mask`` [M, K]) and what the cut ones see."""
-
-    mask: torch.Tensor
-    value: torch.Tensor
-
-    @property
-    def is_identity(self) -> bool:
-        return bool(self.mask.all())
-
-
-# ---------------------------------------------------------------------------------------------------- results
-@dataclass
-class Inference:
-    """Result of gradient inference per sample: class logits (the exact read-out, see ``infer``),
-    concept probabilities, the relaxed class variable, the final total energy, the optimisation steps
-    taken (in all, when an intervention continued it), and the optimiser's state from which an
-    intervention continues: for the class [N, 3, C] and the concepts [N, 3, K], the pre-activations and
-    Adam's first and second moments."""
-
-    logits: torch.Tensor
-    concept_probs: torch.Tensor
-    relaxed_class_probs: torch.Tensor
-    energy: torch.Tensor
-    steps: torch.Tensor
-    class_state: torch.Tensor
-    concept_state: torch.Tensor
-
-    @property
-    def class_probs(self) -> torch.Tensor:
-        return torch.softmax(self.logits, dim=1)
-
-    def take(self, rows: torch.Tensor) -> Inference:
-        """The results of samples ``rows`` (an index tensor; repeats allowed), copied."""
-        return Inference(*(getattr(self, f.name)[rows] for f in fields(self)))
-
-    def to(self, device: torch.device) -> Inference:
-        return Inference(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-    def put(self, rows: torch.Tensor, other: Inference) -> None:
-        """Overwrite the results of samples ``rows`` with ``other``'s (one row of it per index)."""
-        for f in fields(self):
-            getattr(self, f.name)[rows] = getattr(other, f.name)
-
-
-@dataclass
-class Propagation:
-    """An intervention: what was fixed, and how the other concepts and the class moved."""
-
-    mask: torch.Tensor  # [N, K] the intervened concepts
-    concepts_before: torch.Tensor  # [N, K] probabilities before
-    concepts_after: torch.Tensor  # [N, K] after (intervened ones hold the given values)
-    logits_before: torch.Tensor  # [N, C]
-    logits_after: torch.Tensor  # [N, C]
-    concept_names: list[str]
-    class_names: list[str]
-
-    @property
-    def concept_shift(self) -> torch.Tensor:
-        """Change of every non-intervened concept's probability [N, K] (0 on intervened ones)."""
-        return torch.where(self.mask, torch.zeros(()), self.concepts_after - self.concepts_before)
-
-    @property
-    def flipped(self) -> torch.Tensor:
-        """Non-intervened concepts whose predicted value (p > 0.5) changed [N, K]."""
-        return ~self.mask & ((self.concepts_after > 0.5) != (self.concepts_before > 0.5))
-
-    @property
-    def class_changed(self) -> torch.Tensor:
-        return self.logits_before.argmax(1) != self.logits_after.argmax(1)
-
-    def describe(self, i: int = 0, top: int = 5) -> str:
-        """One sample's intervention in words."""
-        fixed = [self.concept_names[k] for k in torch.nonzero(self.mask[i]).flatten().tolist()]
-        shift = self.concept_shift[i]
-        order = shift.abs().argsort(descending=True)[:top]
-        moved = [f"{self.concept_names[k]} {float(self.concepts_before[i, k]):.2f}->{float(self.concepts_after[i, k]):.2f}"
-                 for k in order.tolist() if abs(float(shift[k])) > 1e-3]
-        before, after = int(self.logits_before[i].argmax()), int(self.logits_after[i].argmax())
-        return (f"fixed {', '.join(fixed) or 'nothing'}; class {self.class_names[before]} -> {self.class_names[after]}; "
-                f"moved: {', '.join(moved) or 'nothing'}")
-
-
-# ---------------------------------------------------------------------------------------------------- model
-class EnergyCBM(ConceptBottleneckModel):
+class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
     """Energy-based CBM over frozen embeddings; see the module docstring.
 
     Parameters
@@ -582,7 +320,7 @@ class EnergyCBM(ConceptBottleneckModel):
         u = net.units()[y]  # [B, H]
         e_on = e[:, None] + (1 - c)[..., None] * slope[None]  # concept k set to 1
         e_off = e[:, None] - c[..., None] * slope[None]  # concept k set to 0
-        energy = lambda z: net.global_out(F.relu(z * (1 + u[:, None]))).squeeze(-1)  # noqa: E731
+        energy = lambda z: net.global_out(F.relu(z * (1 + u[:, None]))).squeeze(-1)
         delta = energy(e_on) - energy(e_off)  # [B, K]: E(c_k=1) - E(c_k=0)
         return F.binary_cross_entropy_with_logits(-delta, c, reduction="sum") / len(c)
 
@@ -664,114 +402,23 @@ class EnergyCBM(ConceptBottleneckModel):
         links = self._links()
         outs = []
         for rows in torch.arange(len(features)).split(self.inference_batch):
-            outs.append(self._infer_batch(net, self._standardise(features[rows]).to(run_on), fixed[rows].to(run_on),
+            outs.append(infer_batch(net, self._standardise(features[rows]).to(run_on), fixed[rows].to(run_on),
                                           given[rows].to(run_on), lam, links,
-                                          None if start is None else start.take(rows).to(run_on)))
+                                          None if start is None else start.take(rows).to(run_on),
+                                     max_steps=self.inference_steps, lr=self.inference_lr, tol=self.tol,
+                                     patience=self.inference_patience))
         self.net_.cpu()
         return Inference(*(torch.cat([o[i] for o in outs]).cpu() for i in range(len(outs[0]))))
-
-    def _infer_batch(self, net: EnergyNetworks, x: torch.Tensor, fixed: torch.Tensor, given: torch.Tensor,
-                     lam: tuple[float, float, float], links: LinkEdits,
-                     start: Inference | None) -> tuple[torch.Tensor, ...]:
-        b, m, k = len(x), net.m, net.k
-        with torch.no_grad():
-            h, g = net.encode(x)
-            g = net.concept_energy_parts(g)
-        with _frozen(net), torch.enable_grad():  # the relaxed variables are optimised by gradient, even under no_grad
-            class_state = torch.zeros(b, 3, m, device=x.device) if start is None else start.class_state.clone()
-            concept_state = torch.zeros(b, 3, k, device=x.device) if start is None else start.concept_state.clone()
-            a, s = class_state[:, 0].clone(), concept_state[:, 0].clone()
-            params = [a, s]
-            moments = [(class_state[:, 1], class_state[:, 2]), (concept_state[:, 1], concept_state[:, 2])]
-            settled = fixed.all(dim=1)  # nothing left to infer: the read-out below is exact without steps
-            active = ~settled
-            stale = torch.zeros(b, dtype=torch.long, device=x.device)
-            steps = torch.zeros(b, dtype=torch.long, device=x.device) if start is None else start.steps.clone()
-            previous = None
-            beta1, beta2, eps = 0.9, 0.999, 1e-8
-            for _ in range(self.inference_steps):
-                if not active.any():
-                    break
-                a.requires_grad_(True)
-                s.requires_grad_(True)
-                energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
-                # a zero weight can leave the class or the concept variables out of the energy
-                grads = torch.autograd.grad(energy.sum(), params, allow_unused=True, materialize_grads=True)
-                a, s = a.detach(), s.detach()
-                energy = energy.detach()
-                if previous is not None:
-                    small = (previous - energy).abs() <= self.tol * energy.abs().clamp_min(1e-3)
-                    stale = torch.where(small, stale + 1, torch.zeros_like(stale))
-                    active = active & (stale < self.inference_patience)
-                    if not active.any():
-                        break
-                previous = energy
-                steps += active.long()
-                rows = active[:, None].float()
-                updated = []
-                for t, grad, (m1, m2) in zip((a, s), grads, moments):
-                    m1.mul_(1 - (1 - beta1) * rows).add_((1 - beta1) * rows * grad)
-                    m2.mul_(1 - (1 - beta2) * rows).add_((1 - beta2) * rows * grad * grad)
-                    count = steps[:, None].clamp_min(1).float()
-                    m_hat = m1 / (1 - beta1 ** count)
-                    v_hat = m2 / (1 - beta2 ** count)
-                    updated.append(t - rows * self.inference_lr * m_hat / (v_hat.sqrt() + eps))
-                a, s = updated
-                params = [a, s]
-            with torch.no_grad():
-                p_c = torch.where(fixed, given, torch.sigmoid(s))
-                if lam[0] or lam[2]:  # exact minimisation over the discrete class given the concepts
-                    logits = self._readout(net, h, g, p_c, lam, links)
-                    a = torch.where(settled[:, None], logits, a)
-                else:
-                    logits = torch.log_softmax(a, dim=1)
-                energy = self._total_energy(net, h, g, a, s, fixed, given, lam, links)
-            class_state[:, 0], concept_state[:, 0] = a, s
-            return logits, p_c, torch.softmax(a, dim=1), energy, steps, class_state, concept_state
-
-    @staticmethod
-    def _total_energy(net: EnergyNetworks, h, g, a, s, fixed, given, lam, links) -> torch.Tensor:
-        p_y = torch.softmax(a, dim=1)
-        p_c = torch.where(fixed, given, torch.sigmoid(s))
-        total = torch.zeros(len(h), device=h.device)
-        if lam[0]:
-            total = total + lam[0] * net.class_energy_soft(h, p_y)
-        if lam[1]:
-            total = total + lam[1] * net.concept_energy_from_parts(g, p_c).sum(1)
-        if lam[2]:
-            total = total + lam[2] * net.global_energy_soft(p_c, p_y, links)
-        return total
-
-    # ------------------------------------------------------------------ the read-out
-    @staticmethod
-    def _concept_part(net: EnergyNetworks, p_c: torch.Tensor, links: LinkEdits,
-                      lam: tuple[float, float, float]) -> torch.Tensor:
-        """The concepts' part of the logits, ``-l_cy E_cy(c, y)`` [B, M]."""
-        return -lam[2] * net.global_energy_all(p_c, links)
-
-    @staticmethod
-    def _input_part(net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
-                    p_c: torch.Tensor, lam: tuple[float, float, float]) -> torch.Tensor:
-        """The rest of the logits, ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` [B, M] (the concept
-        energy is the same for every class)."""
-        rest = -lam[0] * net.class_energy_all(h)
-        return rest - lam[1] * net.concept_energy_from_parts(g_parts, p_c).sum(1, keepdim=True)
-
-    @classmethod
-    def _readout(cls, net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
-                 p_c: torch.Tensor, lam: tuple[float, float, float], links: LinkEdits) -> torch.Tensor:
-        """Exact class logits at concepts ``p_c``: minus the total energy of (x, y, c) for every class y."""
-        return cls._input_part(net, h, g_parts, p_c, lam) + cls._concept_part(net, p_c, links, lam)
 
     def _parts(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input part, concept part) of the logits [N, C] at features ``x`` and concepts ``c``, on the CPU;
         differentiable w.r.t. ``x`` (not w.r.t. the network's weights)."""
         net, lam = self.net_.eval(), self.inference_weights_
         c = c.detach().cpu().clamp(0, 1)
-        with _frozen(net):
+        with frozen(net):
             h, g = net.encode(self._standardise(x.cpu()))
-            rest = self._input_part(net, h, net.concept_energy_parts(g), c, lam)
-            return rest, self._concept_part(net, c, self._links(), lam)
+            rest = input_part(net, h, net.concept_energy_parts(g), c, lam)
+            return rest, concept_part(net, c, self._links(), lam)
 
     # ------------------------------------------------------------------ the shared interface
     def concepts(self, x: Any) -> torch.Tensor:
@@ -795,7 +442,7 @@ class EnergyCBM(ConceptBottleneckModel):
         contribution_baseline()``."""
         c = as_matrix(c, "concepts", len(self.concept_names_)).clamp(0, 1)
         with torch.no_grad():
-            return self._concept_part(self.net_.eval(), c, self._links(), self.inference_weights_)
+            return concept_part(self.net_.eval(), c, self._links(), self.inference_weights_)
 
     def _logits(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Exact class logits with every concept fixed at ``c`` (the read-out, no optimisation)."""
@@ -894,127 +541,7 @@ class EnergyCBM(ConceptBottleneckModel):
             return -self.inference_weights_[2] * (grad_integral * (c_end - c_start))
 
     # ------------------------------------------------------------------ conditional probabilities
-    def _global_terms(self, links: LinkEdits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per class: ``e(c) = base_m + c @ slope_m`` with cut links folded in ([M, H], [M, K, H])."""
-        links = links or self._links()
-        base, slope = self.net_.global_affine()
-        mask = links.mask.float()
-        base_m = base[None] + ((1 - mask) * links.value) @ slope
-        slope_m = mask[..., None] * slope[None]
-        return base_m, slope_m
 
-    def _class_energy_of_states(self, states: torch.Tensor) -> torch.Tensor:
-        """E_cy(c, y) [M, S] for binary states [S, K] under every class."""
-        base_m, slope_m = self._global_terms()
-        e = base_m[:, None] + torch.einsum("sk,mkh->msh", states, slope_m)
-        u = self.net_.units()[:, None]
-        return self.net_.global_out(F.relu(e * (1 + u))).squeeze(-1)
-
-    def _exact_states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k = len(self.concept_names_)
-        states = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)))  # [2^K, K]
-        with torch.no_grad():
-            energy = self._class_energy_of_states(states)
-        return states, torch.softmax(-energy, dim=1)  # p(c | y) [M, 2^K]
-
-    def _gibbs(self, chains: int, sweeps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples [M, S, K] of p(c | y) ~ exp(-E_cy(c, y)) per class and Rao-Blackwellised marginals [M, K]."""
-        generator = torch.Generator().manual_seed(seed)
-        m, k = len(self.class_names_), len(self.concept_names_)
-        base_m, slope_m = self._global_terms()
-        u = self.net_.units()[:, None]  # [M, 1, H]
-        w, b = self.net_.global_out.weight[0], self.net_.global_out.bias[0]
-        energy = lambda z: F.relu(z * (1 + u)) @ w + b  # noqa: E731
-        state = (torch.rand(m, chains, k, generator=generator) < self.concept_prior_).float()
-        e = base_m[:, None] + torch.einsum("msk,mkh->msh", state, slope_m)
-        burn = max(1, sweeps // 4)
-        kept, marginal, count = [], torch.zeros(m, k), 0
-        with torch.no_grad():
-            for sweep in range(sweeps):
-                for j in range(k):
-                    column = state[..., j:j + 1]
-                    e_on = e + (1 - column) * slope_m[:, None, j]
-                    e_off = e - column * slope_m[:, None, j]
-                    p_on = torch.sigmoid(energy(e_off) - energy(e_on))  # [M, S]
-                    if sweep >= burn:
-                        marginal[:, j] += p_on.mean(1)
-                    new = (torch.rand(m, chains, generator=generator) < p_on).float()
-                    e = torch.where(new[..., None] > 0, e_on, e_off)
-                    state[..., j] = new
-                if sweep >= burn:
-                    kept.append(state.clone())
-                    count += 1
-        return torch.cat(kept, dim=1), marginal / count
-
-    def conditionals(self, subset: Sequence[str] | None = None, *, exact: bool | None = None,
-                     chains: int | None = None, sweeps: int | None = None, seed: int | None = None) -> dict[str, Any]:
-        """Conditional probabilities read off the global energy, ``p(c | y) ~ exp(-E_cy(c, y))``:
-
-        - ``p_c_given_y`` [C, K]: p(c_k = 1 | y) (Proposition 3.2);
-        - ``p_c_given_y_c`` [C, K, K]: [y, j, k] = p(c_k = 1 | y, c_j = 1) (NaN where p(c_j = 1 | y) = 0);
-        - ``p_c_given_c`` [K, K]: [j, k] = p(c_k = 1 | c_j = 1), classes mixed by their training frequency;
-        - ``joint_given_y`` [C, 2^s] for ``subset`` (s concept names): p(c_subset = bits | y), the bits of
-          column i are ``i``'s binary digits, first concept most significant; with ``subset_states``.
-
-        Exact by enumeration when there are at most ``exact_max_concepts`` concepts, else Gibbs sampling.
-        """
-        self._check_fitted()
-        k = len(self.concept_names_)
-        exact = k <= self.exact_max_concepts if exact is None else exact
-        with torch.no_grad():
-            if exact:
-                if k > 20:
-                    raise ValueError(f"exact enumeration of {k} concepts is too large; use Gibbs sampling.")
-                states, weights = self._exact_states()  # [S, K], [M, S]
-                marginal = weights @ states
-                pair = torch.einsum("ms,sj,sk->mjk", weights, states, states)
-                method = "exact enumeration"
-            else:
-                samples, marginal = self._gibbs(chains or self.gibbs_chains, sweeps or self.gibbs_sweeps,
-                                                self.seed if seed is None else seed)
-                weights = None
-                pair = torch.einsum("msj,msk->mjk", samples, samples) / samples.shape[1]
-                # use the Rao-Blackwellised marginals on the diagonal (lower variance)
-                pair = pair.clone()
-                pair.diagonal(dim1=1, dim2=2).copy_(marginal)
-                method = f"Gibbs sampling ({samples.shape[1]} kept samples per class)"
-        result = _tables(marginal.double(), pair.double(), self.class_prior_.double())
-        result["method"] = method
-        if subset is not None:
-            columns = [self.concept_index(name) for name in subset]
-            if exact:
-                codes = _codes(states[:, columns])
-                joint = torch.zeros(len(self.class_names_), 2 ** len(columns), dtype=torch.float64)
-                joint.index_add_(1, codes, weights.double())
-            else:
-                codes = _codes(samples[..., columns].reshape(-1, len(columns))).view(samples.shape[:2])
-                joint = torch.stack([torch.bincount(row, minlength=2 ** len(columns)) for row in codes]).double()
-                joint /= samples.shape[1]
-            result["joint_given_y"] = joint
-            result["subset"] = list(subset)
-            result["subset_states"] = list(itertools.product((0, 1), repeat=len(columns)))
-        return result
-
-    def empirical_conditionals(self, x: Any, subset: Sequence[str] | None = None,
-                               inference: Inference | None = None) -> dict[str, Any]:
-        """The same tables estimated from predictions on ``x`` (the reference's ``CalcImportanceScore`` way):
-        frequencies of predicted concepts (p > 0.5) among samples predicted as each class."""
-        inference = inference or self.infer(x)
-        columns = None if subset is None else [self.concept_index(name) for name in subset]
-        return conditional_table((inference.concept_probs > 0.5).float(), inference.class_probs.argmax(1),
-                                 len(self.class_names_), columns)
-
-    def compare_conditionals(self, x: Any, subset: Sequence[str] | None = None, **options: Any) -> dict[str, Any]:
-        """Energy-derived and empirical tables side by side, with the Pearson correlation of each."""
-        energy = self.conditionals(subset, **options)
-        empirical = self.empirical_conditionals(x, subset)
-        pearson = {}
-        for key in ("p_c_given_y", "p_c_given_c", "p_c_given_y_c", "joint_given_y"):
-            if key in energy and key in empirical:
-                pearson[key] = pearson_r(energy[key], empirical[key])
-        return {"energy": energy, "empirical": empirical, "pearson": pearson}
-
-    # ------------------------------------------------------------------ global edits
     def edit(self, action: Literal["prune", "set_value", "restore"], concept: str,
              classes: str | list[str] | None = None, *, value: float = 0.0, validation: Validation = None,
              reason: str = "") -> tuple[EnergyCBM, EditRecord]:
@@ -1108,126 +635,3 @@ class EnergyCBM(ConceptBottleneckModel):
 
 
 # ---------------------------------------------------------------------------------------------------- tables
-def _codes(bits: torch.Tensor) -> torch.Tensor:
-    """Integer code of binary rows, first column most significant."""
-    s = bits.shape[-1]
-    powers = 2 ** torch.arange(s - 1, -1, -1)
-    return (bits.long() * powers).sum(-1)
-
-
-def _tables(marginal: torch.Tensor, pair: torch.Tensor, prior: torch.Tensor) -> dict[str, Any]:
-    """Conditional tables from p(c_k | y) [M, K] and p(c_j, c_k | y) [M, K, K]."""
-    with np.errstate(all="ignore"):
-        given_y_c = pair / marginal[..., None]
-        given_y_c = torch.where(marginal[..., None] > 0, given_y_c, torch.full_like(given_y_c, float("nan")))
-        pair_all = torch.einsum("m,mjk->jk", prior, pair)
-        single = prior @ marginal
-        given_c = torch.where(single[:, None] > 0, pair_all / single[:, None], torch.full_like(pair_all, float("nan")))
-    return {"p_c_given_y": marginal, "p_c_given_y_c": given_y_c, "p_c_given_c": given_c}
-
-
-def conditional_table(concepts: Any, labels: Any, n_classes: int, subset: Sequence[int] | None = None) -> dict[str, Any]:
-    """Empirical conditional tables from binary concepts [N, K] and class labels [N] (predicted or true):
-    the same keys as ``EnergyCBM.conditionals`` (classes never seen get NaN rows)."""
-    c = as_matrix(concepts, "concepts").double()
-    y = as_labels(labels, len(c), n_classes)
-    one_hot = F.one_hot(y, n_classes).double()  # [N, M]
-    counts = one_hot.sum(0)
-    with np.errstate(all="ignore"):
-        marginal = (one_hot.T @ c) / counts[:, None]
-        pair = torch.einsum("nm,nj,nk->mjk", one_hot, c, c) / counts[:, None, None]
-        given_c = (c.T @ c) / c.sum(0)[:, None]
-    result = _tables(marginal, pair, counts / counts.sum())
-    result["p_c_given_c"] = torch.where(c.sum(0)[:, None] > 0, given_c, torch.full_like(given_c, float("nan")))
-    if subset is not None:
-        codes = _codes(c[:, list(subset)])
-        joint = (one_hot.T @ F.one_hot(codes, 2 ** len(subset)).double()) / counts[:, None]
-        result["joint_given_y"] = joint
-        result["subset_states"] = list(itertools.product((0, 1), repeat=len(subset)))
-    result["method"] = "empirical frequencies"
-    return result
-
-
-def pearson_r(a: Any, b: Any) -> float:
-    """Pearson correlation over the entries finite in both."""
-    a = torch.as_tensor(a, dtype=torch.float64).flatten()
-    b = torch.as_tensor(b, dtype=torch.float64).flatten()
-    keep = torch.isfinite(a) & torch.isfinite(b)
-    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denominator if denominator > 0 else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------- baseline
-class JointCBMBaseline:
-    """The baseline of the ECBM paper's tables: a joint CBM (Koh et al. 2020) on the same embeddings.
-
-    A linear concept predictor ``sigmoid(W f(x) + b)`` and a linear head on the concept probabilities,
-    trained together on ``cross-entropy(y) + concept_weight * BCE(c)`` with Adam and early stopping on
-    the validation loss. Intervening replaces concept probabilities by the given values; the other
-    concepts cannot move (they depend on x only), which is what the ECBM comparison tests.
-    """
-
-    def __init__(self, *, concept_weight: float = 1.0, lr: float = 1e-2, weight_decay: float = 1e-5,
-                 batch_size: int = 64, max_epochs: int = 100, patience: int = 8, seed: int = 0) -> None:
-        self.concept_weight, self.lr, self.weight_decay = concept_weight, lr, weight_decay
-        self.batch_size, self.max_epochs, self.patience, self.seed = batch_size, max_epochs, patience, seed
-
-    def fit(self, x: Any, y: Any, concepts: Any, validation: tuple[Any, Any, Any]) -> JointCBMBaseline:
-        x, c = as_matrix(x, "x"), as_matrix(concepts, "concepts")
-        y = as_labels(y, len(x))
-        vx, vc = as_matrix(validation[0], "validation x", x.shape[1]), as_matrix(validation[2], "validation concepts")
-        vy = as_labels(validation[1], len(vx))
-        self.mean_, self.scale_ = x.mean(0), x.std(0).clamp_min(1e-6)
-        x, vx = (x - self.mean_) / self.scale_, (vx - self.mean_) / self.scale_
-        n_classes = int(max(y.max(), vy.max())) + 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.concept_layer_ = nn.Linear(x.shape[1], c.shape[1])
-            self.head_ = nn.Linear(c.shape[1], n_classes)
-        params = [*self.concept_layer_.parameters(), *self.head_.parameters()]
-        optimiser = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        generator = torch.Generator().manual_seed(self.seed)
-
-        def loss_of(bx, by, bc):
-            s = self.concept_layer_(bx)
-            return (F.cross_entropy(self.head_(torch.sigmoid(s)), by)
-                    + self.concept_weight * F.binary_cross_entropy_with_logits(s, bc))
-
-        best, best_state, stale = float("inf"), None, 0
-        for _ in range(self.max_epochs):
-            for batch in torch.randperm(len(x), generator=generator).split(self.batch_size):
-                loss = loss_of(x[batch], y[batch], c[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            with torch.no_grad():
-                val = float(loss_of(vx, vy, vc))
-            if best_state is None or val < best - 1e-4 * abs(best):
-                best, stale = val, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        with torch.no_grad():
-            for p, saved in zip(params, best_state or []):
-                p.copy_(saved)
-        return self
-
-    def concepts(self, x: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.sigmoid(self.concept_layer_((as_matrix(x, "x") - self.mean_) / self.scale_))
-
-    def predict_from_concepts(self, c: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.head_(as_matrix(c, "concepts"))
-
-    def decision_function(self, x: Any) -> torch.Tensor:
-        return self.predict_from_concepts(self.concepts(x))
-
-    def intervene(self, x: Any, mask: Any, values: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(concepts after, logits after): intervened concepts replaced, the others unchanged."""
-        c = self.concepts(x)
-        c = torch.where(torch.as_tensor(mask, dtype=torch.bool), as_matrix(values, "values", c.shape[1]), c)
-        return c, self.predict_from_concepts(c)

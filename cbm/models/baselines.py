@@ -1,0 +1,230 @@
+"""The baselines every family is compared with: the black-box linear probe on embeddings, the joint CBM of
+the ECBM paper's tables, and the time-averaged concept classifier for videos."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cbm.models.base import (
+    Validation,
+    as_labels,
+    as_matrix,
+    labels_of,
+    split_validation,
+)
+from cbm.models.temporal.sequences import (
+    SequenceInput,
+    as_sequences,
+    concept_cosines,
+    labelled_sequences,
+)
+from concepts.bank import ConceptBank
+
+
+class LinearProbe:
+    """The black-box baseline: multinomial L2 logistic regression on L2-normalised, standardised features,
+    C chosen on validation accuracy over a log grid and then refined around the best (CoOp's protocol).
+
+    The objective is scikit-learn's (``C * sum of cross-entropies + ||W||^2 / 2``, intercept unpenalised),
+    solved full-batch with torch L-BFGS in float64, warm-started along the grid: scikit-learn's lbfgs
+    needs minutes on separable few-shot data at large C.
+    """
+
+    def __init__(self, cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), refine: int = 3,
+                 normalize: bool = True, max_iter: int = 300) -> None:
+        self.cs = cs
+        self.refine = refine
+        self.normalize = normalize
+        self.max_iter = max_iter
+
+    def _prepare(self, x: Any) -> torch.Tensor:
+        x = as_matrix(x, "x").double()
+        if self.normalize:
+            x = nn.functional.normalize(x, dim=1)
+        return x
+
+    def _solve(self, x: torch.Tensor, y: torch.Tensor, c: float, start: torch.Tensor) -> torch.Tensor:
+        params = start.clone().requires_grad_(True)
+        optimiser = torch.optim.LBFGS([params], lr=1, max_iter=self.max_iter, tolerance_grad=1e-7,
+                                      tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = (nn.functional.cross_entropy(design @ params, y, reduction="mean")
+                    + params[:-1].pow(2).sum() / (2 * c * len(x)))
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        return params.detach()
+
+    def fit(self, x: Any, y: Any = None, *, validation: Validation = None, seed: int = 0) -> LinearProbe:
+        y = labels_of(x, y)
+        features = as_matrix(x, "x")
+        labels = as_labels(y, len(features))
+        train_x, train_y, val_x, val_y, self.validation_ = split_validation(features, labels, validation, seed)
+        train_x, val_x = self._prepare(train_x), self._prepare(val_x)
+        val_y = torch.as_tensor(np.asarray(val_y)).long()
+        self.mean_, self.std_ = train_x.mean(0), train_x.std(0).clamp(min=1e-8) if len(train_x) > 1 else 1.0
+        train_x, val_x = (train_x - self.mean_) / self.std_, (val_x - self.mean_) / self.std_
+        n_classes = max(int(train_y.max()), int(val_y.max())) + 1
+        tried: dict[float, tuple[float, torch.Tensor]] = {}
+        previous = torch.zeros(train_x.shape[1] + 1, n_classes, dtype=torch.float64)
+
+        def attempt(c: float) -> None:
+            nonlocal previous
+            if c not in tried:
+                params = self._solve(train_x, train_y, c, previous)
+                previous = params
+                logits = torch.cat([val_x, torch.ones(len(val_x), 1, dtype=val_x.dtype)], dim=1) @ params
+                tried[c] = (float((logits.argmax(1) == val_y).double().mean()), params)
+
+        for c in sorted(float(c) for c in self.cs):
+            attempt(c)
+        step = 10.0
+        for _ in range(self.refine):  # bisect (in log space) around the best C so far
+            step = math.sqrt(step)
+            best_c = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
+            attempt(best_c / step)
+            attempt(best_c * step)
+        self.C_ = max(tried, key=lambda c: (tried[c][0], -abs(math.log10(c))))
+        self.val_accuracy_, self.params_ = tried[self.C_]
+        self.tried_ = {c: score for c, (score, _) in sorted(tried.items())}
+        return self
+
+    def decision_function(self, x: Any) -> torch.Tensor:
+        features = (self._prepare(x) - self.mean_) / self.std_
+        return torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1) @ self.params_
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.decision_function(x).argmax(1).numpy()
+
+    def score(self, x: Any, y: Any = None) -> float:
+        y = labels_of(x, y)
+        return float(np.mean(self.predict(x) == np.asarray(y)))
+
+
+class JointCBMBaseline:
+    """The baseline of the ECBM paper's tables: a joint CBM (Koh et al. 2020) on the same embeddings.
+
+    A linear concept predictor ``sigmoid(W f(x) + b)`` and a linear head on the concept probabilities,
+    trained together on ``cross-entropy(y) + concept_weight * BCE(c)`` with Adam and early stopping on
+    the validation loss. Intervening replaces concept probabilities by the given values; the other
+    concepts cannot move (they depend on x only), which is what the ECBM comparison tests.
+    """
+
+    def __init__(self, *, concept_weight: float = 1.0, lr: float = 1e-2, weight_decay: float = 1e-5,
+                 batch_size: int = 64, max_epochs: int = 100, patience: int = 8, seed: int = 0) -> None:
+        self.concept_weight, self.lr, self.weight_decay = concept_weight, lr, weight_decay
+        self.batch_size, self.max_epochs, self.patience, self.seed = batch_size, max_epochs, patience, seed
+
+    def fit(self, x: Any, y: Any, concepts: Any, validation: tuple[Any, Any, Any]) -> JointCBMBaseline:
+        x, c = as_matrix(x, "x"), as_matrix(concepts, "concepts")
+        y = as_labels(y, len(x))
+        vx, vc = as_matrix(validation[0], "validation x", x.shape[1]), as_matrix(validation[2], "validation concepts")
+        vy = as_labels(validation[1], len(vx))
+        self.mean_, self.scale_ = x.mean(0), x.std(0).clamp_min(1e-6)
+        x, vx = (x - self.mean_) / self.scale_, (vx - self.mean_) / self.scale_
+        n_classes = int(max(y.max(), vy.max())) + 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.concept_layer_ = nn.Linear(x.shape[1], c.shape[1])
+            self.head_ = nn.Linear(c.shape[1], n_classes)
+        params = [*self.concept_layer_.parameters(), *self.head_.parameters()]
+        optimiser = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def loss_of(bx, by, bc):
+            s = self.concept_layer_(bx)
+            return (F.cross_entropy(self.head_(torch.sigmoid(s)), by)
+                    + self.concept_weight * F.binary_cross_entropy_with_logits(s, bc))
+
+        best, best_state, stale = float("inf"), None, 0
+        for _ in range(self.max_epochs):
+            for batch in torch.randperm(len(x), generator=generator).split(self.batch_size):
+                loss = loss_of(x[batch], y[batch], c[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            with torch.no_grad():
+                val = float(loss_of(vx, vy, vc))
+            if best_state is None or val < best - 1e-4 * abs(best):
+                best, stale = val, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        with torch.no_grad():
+            for p, saved in zip(params, best_state or []):
+                p.copy_(saved)
+        return self
+
+    def concepts(self, x: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(self.concept_layer_((as_matrix(x, "x") - self.mean_) / self.scale_))
+
+    def predict_from_concepts(self, c: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head_(as_matrix(c, "concepts"))
+
+    def decision_function(self, x: Any) -> torch.Tensor:
+        return self.predict_from_concepts(self.concepts(x))
+
+    def intervene(self, x: Any, mask: Any, values: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(concepts after, logits after): intervened concepts replaced, the others unchanged."""
+        c = self.concepts(x)
+        c = torch.where(torch.as_tensor(mask, dtype=torch.bool), as_matrix(values, "values", c.shape[1]), c)
+        return c, self.predict_from_concepts(c)
+
+
+class TimeAveragedCBM:
+    """The "global CBM" baseline: a linear classifier on the time-averaged standardised concept
+    activations (the same ``max(0, cos)`` activations and training statistics as TemporalCBM), an
+    L2 logistic regression whose strength is chosen on validation accuracy. Averaging over time
+    discards order by construction."""
+
+    def __init__(self, bank: ConceptBank, *, cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0), seed: int = 0):
+        self.bank, self.cs, self.seed = bank, tuple(cs), seed
+
+    def _averaged(self, x: SequenceInput) -> torch.Tensor:
+        features, valid, _, _ = as_sequences(x)
+        a = (concept_cosines(self.bank, features, valid) - self.mean_) / self.std_ * valid[..., None]
+        return a.sum(1) / valid.sum(1, keepdim=True)
+
+    def fit(self, x: SequenceInput, y: Any = None, *, validation: Any) -> TimeAveragedCBM:
+        from sklearn.linear_model import LogisticRegression
+
+        features, valid, labels = labelled_sequences(x if y is None else (x, y), "x")
+        flat = concept_cosines(self.bank, features, valid)[valid]
+        self.mean_, self.std_ = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        train = self._averaged((features, valid)).numpy()
+        val_f, val_v, val_y = labelled_sequences(validation)
+        val = self._averaged((val_f, val_v)).numpy()
+        best = None
+        for c in self.cs:
+            clf = LogisticRegression(C=c, max_iter=3000).fit(train, labels.numpy())
+            acc = clf.score(val, val_y.numpy())
+            if best is None or acc > best[0]:
+                best = (acc, c, clf)
+        self.val_accuracy_, self.c_, self.classifier_ = best
+        return self
+
+    def decision_function(self, x: SequenceInput) -> torch.Tensor:
+        return torch.as_tensor(self.classifier_.decision_function(self._averaged(x).numpy()), dtype=torch.float32)
+
+    def predict(self, x: SequenceInput) -> np.ndarray:
+        return self.classifier_.classes_[self.decision_function(x).argmax(1).numpy()]
+
+    def score(self, x: SequenceInput, y: Any = None) -> float:
+        if y is None:
+            y = as_sequences(x)[2]
+        return float((self.predict(x) == np.asarray(y)).mean())

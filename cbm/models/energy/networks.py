@@ -1,0 +1,134 @@
+"""ECBM's three energy networks (class, concept, global) and the link edits of the global energy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class EnergyNetworks(nn.Module):
+    """The three energy networks; every energy is returned per sample (lower = more compatible)."""
+
+    def __init__(self, n_features: int, n_concepts: int, n_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.k, self.m, self.hidden = n_concepts, n_classes, hidden
+        self.x_to_y = nn.Linear(n_features, hidden)
+        self.x_to_c = nn.Linear(n_features, hidden)
+        self.class_embedding = nn.Parameter(torch.randn(n_classes, hidden) / math.sqrt(hidden))
+        self.concept_embedding = nn.Parameter(torch.randn(n_concepts, 2, hidden) / math.sqrt(hidden))
+        self.class_out = nn.Linear(hidden, 1)
+        self.concept_out_weight = nn.Parameter(torch.randn(n_concepts, hidden) / math.sqrt(hidden))
+        self.concept_out_bias = nn.Parameter(torch.zeros(n_concepts))
+        self.concept_proj = nn.Linear(n_concepts * hidden, hidden)
+        self.global_out = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    # -- pieces
+    def units(self) -> torch.Tensor:
+        """Unit class embeddings [M, H]."""
+        return F.normalize(self.class_embedding, dim=1)
+
+    def global_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``e(c) = base + c @ slope``: the projection of the mixed concept embeddings is affine in c."""
+        weight = self.concept_proj.weight.view(self.hidden, self.k, self.hidden)  # [out, K, in]
+        projected = torch.einsum("okh,kjh->kjo", weight, self.concept_embedding)  # [K, 2, out]
+        base = projected[:, 0].sum(0) + self.concept_proj.bias
+        return base, projected[:, 1] - projected[:, 0]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dropout(self.x_to_y(x)), self.dropout(self.x_to_c(x))
+
+    # -- class energy
+    def class_energy_all(self, h: torch.Tensor) -> torch.Tensor:
+        """E_xy for every class [B, M]."""
+        return self.class_out(F.relu(h[:, None] * (1 + self.units()[None]))).squeeze(-1)
+
+    def class_energy_soft(self, h: torch.Tensor, p_y: torch.Tensor) -> torch.Tensor:
+        """E_xy at relaxed classes p_y [B, M]: the class embedding is the normalised mixture [B]."""
+        u = F.normalize(p_y @ self.units(), dim=1)
+        return self.class_out(F.relu(h * (1 + u))).squeeze(-1)
+
+    # -- concept energy
+    def concept_energy_both(self, g: torch.Tensor) -> torch.Tensor:
+        """E_xc for both values of every concept [B, K, 2]."""
+        z = F.relu(g[:, None, None] * (1 + self.concept_embedding[None]))  # [B, K, 2, H]
+        return torch.einsum("bkjh,kh->bkj", z, self.concept_out_weight) + self.concept_out_bias[:, None]
+
+    def concept_energy_soft(self, g: torch.Tensor, p_c: torch.Tensor) -> torch.Tensor:
+        """E_xc at relaxed concepts p_c [B, K] (mixed embeddings) [B, K]."""
+        v0, v1 = self.concept_embedding[:, 0], self.concept_embedding[:, 1]
+        v = v0[None] + p_c[..., None] * (v1 - v0)[None]
+        z = F.relu(g[:, None] * (1 + v))
+        return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
+
+    def concept_energy_parts(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-batch constants of ``concept_energy_soft``: its pre-activation is ``z0 + p * dz``."""
+        v0, v1 = self.concept_embedding[:, 0], self.concept_embedding[:, 1]
+        return g[:, None] * (1 + v0)[None], g[:, None] * (v1 - v0)[None]
+
+    def concept_energy_from_parts(self, parts: tuple[torch.Tensor, torch.Tensor], p_c: torch.Tensor) -> torch.Tensor:
+        z = F.relu(parts[0] + p_c[..., None] * parts[1])
+        return torch.einsum("bkh,kh->bk", z, self.concept_out_weight) + self.concept_out_bias
+
+    # -- global energy
+    def global_from_e(self, e: torch.Tensor) -> torch.Tensor:
+        """E_cy for every class from pre-activations e [B, H] (shared by the classes) or [B, M, H] -> [B, M].
+
+        Decided by the number of dimensions, not the shape: a batch of B == M rows is still a batch."""
+        u = self.units()
+        if e.ndim == 2:
+            e = e.unsqueeze(1)
+        return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
+
+    def global_e(self, p_c: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
+        """Pre-activations [B, H], or [B, M, H] when some links are edited."""
+        base, slope = self.global_affine()
+        e = base + p_c @ slope
+        if links is None or links.is_identity:
+            return e
+        mask, value = links.mask.to(e.device), links.value.to(e.device)
+        # for class m, concept k sees value[m, k] instead of p_c[:, k] where mask[m, k] is False
+        delta = torch.einsum("mk,bmk,kh->bmh", (~mask).float(), value[None] - p_c[:, None], slope)
+        return e[:, None] + delta
+
+    def global_energy_all(self, p_c: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
+        """E_cy(c, y) for every class [B, M]."""
+        return self.global_from_e(self.global_e(p_c, links))
+
+    def global_energy_soft(self, p_c: torch.Tensor, p_y: torch.Tensor, links: LinkEdits | None = None) -> torch.Tensor:
+        """E_cy at relaxed concepts and class [B]."""
+        e = self.global_e(p_c, links)
+        if e.ndim == 3:
+            e = (p_y[..., None] * e).sum(1)
+        u = F.normalize(p_y @ self.units(), dim=1)
+        return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
+
+
+@contextmanager
+def frozen(net: nn.Module) -> Iterator[None]:
+    """The network's weights out of autograd while the block runs (inference and read-outs never train)."""
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+
+
+@dataclass
+class LinkEdits:
+    """Which concepts feed the global energy of which class (``mask`` [M, K]) and what the cut ones see."""
+
+    mask: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(self.mask.all())
