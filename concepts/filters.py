@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from concepts.bank import ConceptBank, TextEncoder, encode_concepts
-from concepts.generate import Candidates
+from concepts.generate import Candidates, check_number
 from concepts.text import clean_concept, merge_plurals, phrase_key
 
 
@@ -35,18 +35,24 @@ def _apply(candidates: Candidates, removed: Mapping[str, str], replaced: Mapping
 
 
 def clean(candidates: Candidates, *, merge_plural_forms: bool = True) -> Candidates:
-    """Lowercase, trim, strip one leading article (whole word only) and merge plural/singular forms."""
-    pool = candidates.concepts()
-    cleaned = {p: clean_concept(p) for p in pool}
+    """Remove control characters (ANSI escapes, bidi overrides, zero-width, NUL), lowercase, trim, strip
+    one leading article (whole word only) and merge plural/singular forms. A phrase with nothing left
+    (only punctuation or control characters) is removed."""
+    cleaned = {p: clean_concept(p) for p in candidates.concepts()}
+    removed = {p: "nothing left after cleaning" for p, c in cleaned.items() if not c}
+    cleaned = {p: c for p, c in cleaned.items() if c}
     replaced = {p: c for p, c in cleaned.items() if c != p}
     if merge_plural_forms:
         _, merged = merge_plurals(dict.fromkeys(cleaned.values()))
         replaced.update({p: merged.get(c, c) for p, c in cleaned.items() if merged.get(c, c) != p})
-    return _apply(candidates, {}, replaced, {"filter": "clean", "merge_plurals": merge_plural_forms})
+    return _apply(candidates, removed, replaced, {"filter": "clean", "merge_plurals": merge_plural_forms})
 
 
 def remove_too_long(candidates: Candidates, max_chars: int | None = 30, max_words: int | None = None) -> Candidates:
     """Drop phrases longer than ``max_chars`` characters or ``max_words`` words (None: no limit)."""
+    for value, name in ((max_chars, "max_chars"), (max_words, "max_words")):
+        if value is not None:
+            check_number(value, name, at_least=1, integer=True)
     removed = {}
     for phrase in candidates.concepts():
         if max_chars is not None and len(phrase) > max_chars:
@@ -65,6 +71,9 @@ def remove_class_names(candidates: Candidates, class_names: Sequence[str] | None
     or contains it as whole words (``"contains"``). With an ``encoder``, also phrases whose text
     embedding has cosine >= ``threshold`` with a class name's.
     """
+    check_number(threshold, "threshold")
+    if match not in ("exact", "contains"):
+        raise ValueError(f"match must be 'exact' or 'contains', got {match!r}.")
     class_names = list(class_names or candidates.class_names)
     if not class_names:
         raise ValueError("no class names to compare with: pass class_names.")
@@ -94,6 +103,7 @@ def remove_near_duplicates(candidates: Candidates, encoder: TextEncoder, thresho
     Phrases are visited in first-seen order; one too close to an already kept phrase is replaced
     by it, so its classes are re-associated with the kept phrase rather than lost.
     """
+    check_number(threshold, "threshold")
     pool = candidates.concepts()
     similarity = encode_concepts(encoder, pool, ("{}",)) @ encode_concepts(encoder, pool, ("{}",)).T
     kept: list[int] = []
@@ -113,6 +123,8 @@ def remove_absent(candidates: Candidates, encoder: TextEncoder, features: torch.
                   templates: Sequence[str] = ("{}",)) -> Candidates:
     """Drop phrases that no training image shows: mean of the top-``top_k`` cosine similarities
     between the phrase and the (L2-normalised) training image embeddings below ``cutoff``."""
+    check_number(top_k, "top_k", at_least=1, integer=True)
+    check_number(cutoff, "cutoff")
     pool = candidates.concepts()
     bank = ConceptBank.from_text(pool, encoder, templates=templates)
     scores = bank.scores(features, backbone=backbone)

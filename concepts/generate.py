@@ -5,10 +5,13 @@ several classes, and all its classes are kept), plus a provenance record of how 
 (source, prompts, model, thresholds, and every skip with its reason). The special class
 ``SHARED`` ("*") holds phrases that belong to no class in particular (a global list).
 
-HTTP (LLM and ConceptNet) uses only ``urllib``: timeouts, retries with exponential backoff on
-timeouts, connection errors, 429 and 5xx (honouring ``Retry-After``), a minimum interval
-between requests, and an on-disk response cache so reruns are free and reproducible. API keys
-are read from an environment variable at request time and never logged, cached or recorded.
+HTTP (LLM and ConceptNet) uses only ``urllib``: one deadline per request (connect, headers and
+body together, so a server that drips bytes cannot hold a request open), a cap on reply bytes,
+redirects followed only within the same scheme, host and port (so headers such as the API key never
+reach another server), retries with exponential backoff on timeouts, connection errors, 429 and 5xx
+(honouring ``Retry-After`` up to ``MAX_RETRY_AFTER``), a minimum interval between requests, and an
+on-disk response cache so reruns are free and reproducible. API keys are read from an environment
+variable at request time and never logged, cached or recorded.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import http.client
+import io
 import json
 import logging
+import math
+import numbers
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -42,6 +50,39 @@ logger = logging.getLogger(__name__)
 SHARED = "*"
 CANDIDATES_FORMAT = "concepts.candidates/1"
 
+
+def check_number(value: Any, name: str, *, above: float | None = None, at_least: float | None = None,
+                 integer: bool = False) -> Any:
+    """``value`` if it is a finite number (a whole one with ``integer``) within the bound, else a
+    one-sentence ``ValueError`` naming ``name``: NaN, inf and negative counts are refused up front rather
+    than misbehaving later (a NaN timeout never times out, -1 retries sends nothing)."""
+    kind = numbers.Integral if integer else numbers.Real
+    valid = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    valid = valid and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not valid:
+        what = "a whole number" if integer else "a finite number"
+        bound = (f" above {above:g}" if above is not None else
+                 f" of at least {at_least:g}" if at_least is not None else "")
+        raise ValueError(f"{name} must be {what}{bound}, got {value!r}.")
+    return value
+
+
+def _class_list(class_names: Any) -> list[str]:
+    """``class_names`` as a list of non-blank strings (a lone string is refused: it would be read letter by letter)."""
+    if isinstance(class_names, str) or not isinstance(class_names, Iterable):
+        raise TypeError(f"class_names must be a list of class names, got {type(class_names).__name__}.")
+    names = list(class_names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"class_names must all be strings, got {names!r:.80}.")
+    if not names or not all(n.strip() for n in names):
+        raise ValueError(f"class_names must be a non-empty list of non-blank names, got {names!r:.80}.")
+    return names
+
+
+def _check_on_error(on_error: Any) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+
 # --------------------------------------------------------------------------------------------
 # Candidates
 # --------------------------------------------------------------------------------------------
@@ -55,6 +96,11 @@ class Candidates:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.per_class, Mapping):
+            raise TypeError("per_class must map class names to lists of concepts, "
+                            f"got {type(self.per_class).__name__}.")
+        if not isinstance(self.provenance, Mapping):
+            raise TypeError(f"provenance must be a mapping, got {type(self.provenance).__name__}.")
         cleaned = {}
         for name, phrases in self.per_class.items():
             validate_concept(name)
@@ -115,11 +161,16 @@ class Candidates:
         path = Path(path)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{path} is not a JSON candidates file ({error}).") from None
         if not isinstance(payload, dict) or payload.get("format") != CANDIDATES_FORMAT:
             raise ValueError(f"{path} is not a {CANDIDATES_FORMAT} file.")
-        return cls(payload["classes"], payload.get("provenance") or {})
+        if "classes" not in payload:
+            raise ValueError(f"{path} has no 'classes' field (class -> list of concepts); regenerate it.")
+        try:
+            return cls(payload["classes"], payload.get("provenance") or {})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a valid candidates file: {error}") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -139,6 +190,12 @@ class HTTPError(RuntimeError):
 
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+#: Largest reply body read (bytes); a longer reply is refused without reading the rest.
+MAX_REPLY_BYTES = 16 * 2**20
+#: Longest ``Retry-After`` (seconds) honoured; a server asking for more gets an error instead of a hung client.
+MAX_RETRY_AFTER = 300
+_CHUNK_BYTES = 64 * 2**10
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ResponseCache:
@@ -173,12 +230,133 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=host, query="", fragment="").geturl()
 
 
+def check_url(url: Any, name: str = "base_url") -> str:
+    """``url`` if it is an ``http://`` or ``https://`` address with a host, else a one-sentence ``ValueError``
+    (urllib would otherwise also open ``file://`` and ``ftp://`` addresses)."""
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme.lower() not in _DEFAULT_PORTS or not parts.hostname:
+        shown = redact_url(url) if isinstance(url, str) else repr(url)
+        raise ValueError(f"{name} must be an http:// or https:// address with a host, got {shown}.")
+    return url
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) of ``url``, the port filled in from the scheme when absent."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request ran past its deadline")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes with every receive limited to the time left before ``deadline``: a per-receive
+    timeout alone lets a server that sends one byte a second hold a request open forever."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock, self._deadline = sock, deadline
+        self._raw = sock.makefile("rb", buffering=0)  # keeps the socket open until this reader closes
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An ``HTTPResponse`` whose status line, headers and body are read within one deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+class _DeadlineConnection:
+    """Mixin for ``http.client`` connections: connect within the time left, read the reply by the deadline."""
+
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = _time_left(self.deadline)
+        super().connect()
+
+    def response_class(self, sock: socket.socket, *args: Any, **kwargs: Any) -> _DeadlineResponse:
+        return _DeadlineResponse(sock, *args, deadline=self.deadline, **kwargs)
+
+
+class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPConnection, req, deadline=req.deadline)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context, deadline=req.deadline)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the request's scheme, host and port: urllib resends every header,
+    ``Authorization`` included, to whatever address a redirect names."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        try:
+            same = _origin(newurl) == _origin(req.full_url)
+        except ValueError:  # an unparsable port
+            same = False
+        if not same:
+            fp.close()
+            raise HTTPError(f"{redact_url(req.full_url)} redirected (HTTP {code}) to another scheme, host or port, "
+                            f"{redact_url(newurl)}, and the redirect was refused so that the request's headers "
+                            "(the API key) reach no other server; use the final address as the base URL.")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.deadline = req.deadline  # one deadline for the request and its redirects
+        return new
+
+
 class HTTPClient:
-    """JSON over HTTP with a timeout, retries with exponential backoff and a minimum interval."""
+    """JSON over HTTP with a total deadline per request, a cap on reply bytes, same-origin redirects only,
+    retries with exponential backoff and a minimum interval between requests.
+
+    ``timeout`` bounds each attempt as a whole (connect, headers and body); ``max_bytes`` bounds the reply
+    body, so memory stays bounded whatever the server sends.
+    """
 
     def __init__(self, *, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
-                 min_interval: float = 0.0) -> None:
-        self.timeout, self.retries, self.backoff, self.min_interval = timeout, retries, backoff, min_interval
+                 min_interval: float = 0.0, max_bytes: int = MAX_REPLY_BYTES) -> None:
+        self.timeout = float(check_number(timeout, "timeout", above=0))
+        self.retries = int(check_number(retries, "retries", at_least=0, integer=True))
+        self.backoff = float(check_number(backoff, "backoff", at_least=0))
+        self.min_interval = float(check_number(min_interval, "min_interval", at_least=0))
+        self.max_bytes = int(check_number(max_bytes, "max_bytes", at_least=1, integer=True))
+        self._opener = urllib.request.build_opener(_SameOriginRedirects, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
         self._last = 0.0
         self._lock = threading.Lock()
         self.requests_sent = 0
@@ -193,6 +371,7 @@ class HTTPClient:
     def request_json(self, url: str, body: Mapping[str, Any] | None = None,
                      headers: Mapping[str, str] | None = None) -> Any:
         """GET (or POST ``body`` as JSON) and decode the JSON answer; raise ``HTTPError`` on failure."""
+        check_url(url, "url")
         data = json.dumps(body).encode() if body is not None else None
         request_headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data else {}),
                            **dict(headers or {})}
@@ -202,30 +381,49 @@ class HTTPClient:
             self.requests_sent += 1
             retry_after = None
             try:
-                request = urllib.request.Request(url, data=data, headers=request_headers)
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
+                payload = self._fetch(urllib.request.Request(url, data=data, headers=request_headers), where)
                 try:
                     return json.loads(payload)
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     raise HTTPError(f"{where} answered with something that is not JSON: {payload[:80]!r}.") from None
             except urllib.error.HTTPError as error:
                 if error.code not in RETRYABLE_STATUS:
                     raise HTTPError(f"{where} answered HTTP {error.code} ({error.reason}).") from None
                 problem = f"HTTP {error.code}"
                 retry_after = error.headers.get("Retry-After") if error.headers else None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, broken replies
                 reason = getattr(error, "reason", error)
                 problem = "timed out" if isinstance(reason, TimeoutError) else f"failed ({reason})"
             if attempt == self.retries:
                 raise HTTPError(f"{where} {problem}; gave up after {self.retries + 1} attempts.")
             delay = self.backoff * 2 ** attempt
             if retry_after and retry_after.strip().isdigit():
+                if int(retry_after) > MAX_RETRY_AFTER:
+                    raise HTTPError(f"{where} {problem} and asked to wait {int(retry_after)} s before retrying, longer "
+                                    f"than the {MAX_RETRY_AFTER} s this client waits; try again later.")
                 delay = max(delay, float(retry_after))
             logger.warning("%s %s; retrying in %.1f s (attempt %d of %d)", where, problem, delay, attempt + 2,
                            self.retries + 1)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _fetch(self, request: urllib.request.Request, where: str) -> bytes:
+        """The reply body of one attempt, read in chunks by one deadline and refused past ``max_bytes``."""
+        request.deadline = deadline = time.monotonic() + self.timeout
+        too_long = (f"{where} sent a reply longer than the {self.max_bytes}-byte limit; it was not read further "
+                    "(raise max_bytes if such replies are expected).")
+        with self._opener.open(request, timeout=self.timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.strip().isdigit() and int(declared) > self.max_bytes:
+                raise HTTPError(too_long)
+            chunks, size = [], 0
+            while chunk := response.read(min(_CHUNK_BYTES, self.max_bytes + 1 - size)):
+                _time_left(deadline)
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise HTTPError(too_long)
+                chunks.append(chunk)
+        return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,13 +492,19 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  temperature: float = 0.0, max_tokens: int = 256, cache_dir: str | os.PathLike | None = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
-                 requests_per_minute: float | None = None) -> None:
-        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+                 requests_per_minute: float | None = None, max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+        self.endpoint = check_url(base_url).rstrip("/") + "/chat/completions"
         self.public_endpoint = redact_url(self.endpoint)  # what logs, errors, the cache and provenance see
-        self.model, self.temperature, self.max_tokens = model, float(temperature), int(max_tokens)
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be the non-blank name of a model the server knows, got {model!r}.")
+        self.model = model
+        self.temperature = float(check_number(temperature, "temperature", at_least=0))
+        self.max_tokens = int(check_number(max_tokens, "max_tokens", at_least=1, integer=True))
+        if requests_per_minute is not None:
+            check_number(requests_per_minute, "requests_per_minute", above=0)
         self.api_key_env = api_key_env
         self.cache = ResponseCache(cache_dir)
-        self.http = HTTPClient(timeout=timeout, retries=retries, backoff=backoff,
+        self.http = HTTPClient(timeout=timeout, retries=retries, backoff=backoff, max_bytes=max_reply_bytes,
                                min_interval=60.0 / requests_per_minute if requests_per_minute else 0.0)
 
     def describe(self) -> dict[str, Any]:
@@ -340,11 +544,16 @@ def from_llm(class_names: Sequence[str], client: ChatClient, *, prompts: str | M
     A failed request or unparsable reply raises, or with ``on_error="skip"`` is recorded in
     ``provenance["skipped"]`` with its reason.
     """
+    class_names = _class_list(class_names)
+    _check_on_error(on_error)
     if isinstance(prompts, str) and prompts not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompts!r}; built-in sets: {sorted(PROMPT_SETS)}.")
+    if not isinstance(prompts, (str, Mapping)):
+        raise TypeError(f"prompts must be a prompt set name or a name -> template mapping, "
+                        f"got {type(prompts).__name__}.")
     templates = PROMPT_SETS[prompts] if isinstance(prompts, str) else dict(prompts)
-    if not class_names or not templates or any("{cls}" not in t for t in templates.values()):
-        raise ValueError("need at least one class and prompt templates that each contain '{cls}'.")
+    if not templates or any(not isinstance(t, str) or "{cls}" not in t for t in templates.values()):
+        raise ValueError("need prompt templates that are strings each containing '{cls}'.")
     per_class: dict[str, list[str]] = {name: [] for name in class_names}
     skipped = []
     jobs = [(name, key, template) for name in class_names for key, template in templates.items()]
@@ -405,6 +614,10 @@ def from_conceptnet(class_names: Sequence[str], *, relations: Sequence[str] = CO
     start, "wheel PartOf car"); for the other relations it is the edge's end ("car HasA wheel").
     English labels only. The provenance records the threshold used for each relation.
     """
+    class_names = _class_list(class_names)
+    _check_on_error(on_error)
+    check_url(base_url)
+    check_number(limit, "limit", at_least=1, integer=True)
     unknown = set(relations) - set(CONCEPTNET_RELATIONS)
     if unknown:
         raise ValueError(f"unsupported ConceptNet relations {sorted(unknown)}; use {CONCEPTNET_RELATIONS}.")
@@ -450,6 +663,7 @@ def from_conceptnet(class_names: Sequence[str], *, relations: Sequence[str] = CO
 def from_class_concept_matrix(class_names: Sequence[str], concept_names: Sequence[str], matrix: Any,
                               threshold: float = 0.5, *, source: str = "class-concept matrix") -> Candidates:
     """Class c gets concept k when ``matrix[c, k] >= threshold`` (probabilities, percentages, 0/1)."""
+    check_number(threshold, "threshold")
     values = np.asarray(matrix, dtype=float)
     if values.shape != (len(class_names), len(concept_names)):
         raise ValueError(f"matrix must be [classes={len(class_names)}, concepts={len(concept_names)}], "
@@ -563,7 +777,7 @@ def from_list(source: str | os.PathLike | Sequence[str] | Mapping[str, Sequence[
         if path.suffix == ".json":
             try:
                 source = json.loads(text)
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, RecursionError) as error:
                 raise ValueError(f"{path} is not valid JSON ({error}).") from None
         elif path.suffix in (".yaml", ".yml"):
             try:
@@ -585,7 +799,12 @@ def from_list(source: str | os.PathLike | Sequence[str] | Mapping[str, Sequence[
         per_class = {SHARED: list(source)}
     else:
         raise ValueError(f"a concept list must be a list or a class -> list mapping, got {type(source).__name__}.")
-    result = Candidates(per_class, {"generator": "list", "source": origin})
+    try:
+        result = Candidates(per_class, {"generator": "list", "source": origin})
+    except TypeError as error:
+        if origin == "python":
+            raise
+        raise ValueError(f"{origin} is not a valid concept list: {error}") from None
     if not len(result):
         raise ValueError(f"the concept list from {origin} is empty.")
     return result

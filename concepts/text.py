@@ -1,8 +1,13 @@
 """Concept text hygiene: validation, cleaning and plural merging, with no downloaded data.
 
-``clean_concept`` lowercases, trims punctuation and collapses whitespace, and removes ONE leading
-article ("a", "an", "the") only when it is a whole word at the start: "a pizza box" becomes
-"pizza box" and "pizza box" stays "pizza box" (a substring replace would give "pizzbox").
+``without_controls`` removes control, zero-width and bidi characters (ANSI escapes, overrides, NUL)
+that an LLM or a file can put in a phrase. ``cbm.untrusted`` re-exports it: this package imports
+nothing from ``cbm``, so the one definition lives here.
+
+``clean_concept`` removes those characters, lowercases, trims punctuation and collapses whitespace,
+and removes ONE leading article ("a", "an", "the") only when it is a whole word at the start:
+"a pizza box" becomes "pizza box" and "pizza box" stays "pizza box" (a substring replace would give
+"pizzbox").
 
 ``singular`` turns an English plural noun into its singular with a handful of suffix rules and an
 exception list; ``merge_plurals`` uses it only to group phrases whose last words differ by
@@ -17,6 +22,13 @@ import unicodedata
 from collections.abc import Iterable
 
 ARTICLES = ("a", "an", "the")
+#: C0/C1 controls, zero-width characters, bidi embeddings/overrides/isolates and the byte-order mark.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+#: Whole terminal escape sequences (CSI such as colours ``ESC[31m``, OSC such as hyperlinks ``ESC]8;;URL ESC\\``,
+#: two-character escapes), so that removing them leaves no ``[31m`` behind.
+ANSI_SEQUENCES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI
+                            r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, to BEL or ST
+                            r"|\x1b[@-Z\\-_]")  # two-character escapes
 
 # Irregular plurals and words whose final "s" is not a plural marker.
 IRREGULAR_PLURALS = {
@@ -58,6 +70,12 @@ def validate_concept(value: object) -> str:
     return value
 
 
+def without_controls(text: str) -> str:
+    """``text`` with every terminal escape sequence and every control, zero-width and bidi character
+    removed (for names that are kept)."""
+    return CONTROL_CHARACTERS.sub("", ANSI_SEQUENCES.sub("", text))
+
+
 def strip_article(text: str) -> str:
     """Remove one leading article when it is a whole word ("a pizza box" -> "pizza box")."""
     head, _, tail = text.partition(" ")
@@ -67,10 +85,11 @@ def strip_article(text: str) -> str:
 
 
 def clean_concept(text: str) -> str:
-    """Lowercase, normalise unicode and whitespace, trim edge punctuation, drop a leading article."""
+    """Lowercase, normalise unicode and whitespace, remove control characters, trim edge punctuation and
+    drop a leading article (the result is empty when nothing else is left)."""
     validate_concept(text)
     text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"\s+", " ", text).strip(_EDGE_PUNCTUATION)
+    text = without_controls(re.sub(r"\s+", " ", text)).strip(_EDGE_PUNCTUATION)
     text = re.sub(r"\s+", " ", text)
     return strip_article(text)
 
