@@ -59,6 +59,11 @@ Departures from the reference code, on purpose (see docs/recipes/energy_cub.md):
 - interventions use the inference weights and continue from the unintervened solution; the reference
   resets the class variables and re-optimises with the global energy alone (weights 0/0/3), so its
   "nothing corrected" point is not its prediction.
+- a fresh inference starts at the networks' own predictions (``inference_init="networks"``: the class
+  variable at ``-E_xy``, each concept at its log-odds under ``E_xc``), not uniform, which saves most of the
+  steps; the reference's start is ``inference_init="uniform"``;
+- inside the optimisation the concept energy is evaluated as the exact piecewise-linear function of the
+  relaxed concept it is (``ConceptEnergyTable``), not as a sum over its hidden units at every step;
 - the class is read out exactly from the discrete class energies at the inferred concepts rather than
   as the argmax of the relaxed class variable (kept as ``relaxed_class_probs``).
 

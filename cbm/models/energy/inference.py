@@ -3,11 +3,17 @@ read-out at the inferred concepts, and the results (``Inference``, ``Propagation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
-from cbm.models.energy.networks import EnergyNetworks, LinkEdits, frozen
+from cbm.models.energy.networks import (
+    ConceptEnergyTable,
+    EnergyNetworks,
+    LinkEdits,
+    frozen,
+)
 
 
 @dataclass
@@ -83,17 +89,28 @@ class Propagation:
 
 def infer_batch(net: EnergyNetworks, x: torch.Tensor, fixed: torch.Tensor, given: torch.Tensor,
                 lam: tuple[float, float, float], links: LinkEdits, start: Inference | None, *,
-                max_steps: int, lr: float, tol: float, patience: int) -> tuple[torch.Tensor, ...]:
+                max_steps: int, lr: float, tol: float, patience: int, init: str = "networks") -> tuple[torch.Tensor, ...]:
     """Adam on the relaxed class and concept variables of one batch until each sample's relative energy
     change stays under ``tol`` for ``patience`` steps (at most ``max_steps``), then the exact read-out.
-    Returns the fields of an ``Inference``, in order."""
+    Returns the fields of an ``Inference``, in order.
+
+    A fresh inference (no ``start``) begins at the networks' own predictions (``init="networks"``: the
+    class variable at ``-E_xy(x, .)``, each concept at the log-odds ``E_xc(x, 0) - E_xc(x, 1)``), which
+    saves most of the steps, or uniform (``"uniform"``, the reference's start)."""
     b, m, k = len(x), net.m, net.k
     with torch.no_grad():
         h, g = net.encode(x)
         g = net.concept_energy_parts(g)
+        concept_energy = ConceptEnergyTable(net, g)
+    if start is None:
+        class_state, concept_state = torch.zeros(b, 3, m, device=x.device), torch.zeros(b, 3, k, device=x.device)
+        if init == "networks":
+            with torch.no_grad():
+                class_state[:, 0] = -net.class_energy_all(h)
+                concept_state[:, 0] = concept_energy.values[..., 0] - concept_energy(torch.ones(b, k, device=x.device))
+    else:
+        class_state, concept_state = start.class_state.clone(), start.concept_state.clone()
     with frozen(net), torch.enable_grad():  # the relaxed variables are optimised by gradient, even under no_grad
-        class_state = torch.zeros(b, 3, m, device=x.device) if start is None else start.class_state.clone()
-        concept_state = torch.zeros(b, 3, k, device=x.device) if start is None else start.concept_state.clone()
         a, s = class_state[:, 0].clone(), concept_state[:, 0].clone()
         params = [a, s]
         moments = [(class_state[:, 1], class_state[:, 2]), (concept_state[:, 1], concept_state[:, 2])]
@@ -108,7 +125,7 @@ def infer_batch(net: EnergyNetworks, x: torch.Tensor, fixed: torch.Tensor, given
                 break
             a.requires_grad_(True)
             s.requires_grad_(True)
-            energy = total_energy(net, h, g, a, s, fixed, given, lam, links)
+            energy = total_energy(net, h, concept_energy, a, s, fixed, given, lam, links)
             # a zero weight can leave the class or the concept variables out of the energy
             grads = torch.autograd.grad(energy.sum(), params, allow_unused=True, materialize_grads=True)
             a, s = a.detach(), s.detach()
@@ -139,37 +156,44 @@ def infer_batch(net: EnergyNetworks, x: torch.Tensor, fixed: torch.Tensor, given
                 a = torch.where(settled[:, None], logits, a)
             else:
                 logits = torch.log_softmax(a, dim=1)
-            energy = total_energy(net, h, g, a, s, fixed, given, lam, links)
+            energy = total_energy(net, h, lambda p: net.concept_energy_from_parts(g, p), a, s, fixed, given, lam,
+                                  links)
         class_state[:, 0], concept_state[:, 0] = a, s
         return logits, p_c, torch.softmax(a, dim=1), energy, steps, class_state, concept_state
 
-def total_energy(net: EnergyNetworks, h, g, a, s, fixed, given, lam, links) -> torch.Tensor:
+
+def total_energy(net: EnergyNetworks, h: torch.Tensor, concept_energy: Callable[[torch.Tensor], torch.Tensor],
+                 a: torch.Tensor, s: torch.Tensor, fixed: torch.Tensor, given: torch.Tensor,
+                 lam: tuple[float, float, float], links: LinkEdits) -> torch.Tensor:
     """The weighted total energy per sample at relaxed class ``softmax(a)`` and concepts ``sigmoid(s)``
-    (fixed concepts hold ``given``)."""
+    (fixed concepts hold ``given``); ``concept_energy(p_c)`` gives ``E_xc`` [B, K]."""
     p_y = torch.softmax(a, dim=1)
     p_c = torch.where(fixed, given, torch.sigmoid(s))
     total = torch.zeros(len(h), device=h.device)
     if lam[0]:
         total = total + lam[0] * net.class_energy_soft(h, p_y)
     if lam[1]:
-        total = total + lam[1] * net.concept_energy_from_parts(g, p_c).sum(1)
+        total = total + lam[1] * concept_energy(p_c).sum(1)
     if lam[2]:
         total = total + lam[2] * net.global_energy_soft(p_c, p_y, links)
     return total
 
+
 def concept_part(net: EnergyNetworks, p_c: torch.Tensor, links: LinkEdits,
-                  lam: tuple[float, float, float]) -> torch.Tensor:
+                 lam: tuple[float, float, float]) -> torch.Tensor:
     """The concepts' part of the logits, ``-l_cy E_cy(c, y)`` [B, M]."""
     return -lam[2] * net.global_energy_all(p_c, links)
 
+
 def input_part(net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
-                p_c: torch.Tensor, lam: tuple[float, float, float]) -> torch.Tensor:
+               p_c: torch.Tensor, lam: tuple[float, float, float]) -> torch.Tensor:
     """The rest of the logits, ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` [B, M] (the concept
     energy is the same for every class)."""
     rest = -lam[0] * net.class_energy_all(h)
     return rest - lam[1] * net.concept_energy_from_parts(g_parts, p_c).sum(1, keepdim=True)
 
+
 def readout(net: EnergyNetworks, h: torch.Tensor, g_parts: tuple[torch.Tensor, torch.Tensor],
-             p_c: torch.Tensor, lam: tuple[float, float, float], links: LinkEdits) -> torch.Tensor:
+            p_c: torch.Tensor, lam: tuple[float, float, float], links: LinkEdits) -> torch.Tensor:
     """Exact class logits at concepts ``p_c``: minus the total energy of (x, y, c) for every class y."""
     return input_part(net, h, g_parts, p_c, lam) + concept_part(net, p_c, links, lam)

@@ -51,7 +51,8 @@ AUTO_GLOBAL_WEIGHTS = (0.01, 0.1, 1.0)
 REFERENCE_SETTING: dict[str, Any] = {
     "global_concept_weight": 0.0, "inference_weights": (1.0, 1.0, 0.01), "hidden": 512,
     "loss_weights": (3.0, 1.0, 1.0), "flip_samples": 0.2, "flip_concepts": 0.2, "weight_decay": 4e-5,
-    "batch_size": 64, "max_epochs": 300, "inference_lr": 0.1, "inference_patience": 10}
+    "batch_size": 64, "max_epochs": 300, "inference_lr": 0.1, "inference_patience": 10,
+    "inference_init": "uniform"}
 
 
 class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
@@ -76,6 +77,9 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         corrected concept move the others more.
     inference_lr, inference_steps, tol, inference_patience: Adam on the relaxed variables and the relative
         convergence test; ``inference_batch`` samples are optimised together.
+    inference_init: where a fresh inference starts: ``"networks"`` (default) at the class energy's and
+        the concept energy's own predictions, which needs far fewer steps; ``"uniform"`` at uniform class
+        and concept variables, as the reference does (``REFERENCE_SETTING``).
     bank, pseudo_threshold: a concept bank for pseudo-labels when the data has no concept labels.
     exact_max_concepts, gibbs_chains, gibbs_sweeps: conditional probabilities (exact or Gibbs).
     stream: keep the training data on the device (False), stream it from host memory in batches and
@@ -91,7 +95,8 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
                  max_epochs: int = 100, patience: int = 8,
                  inference_weights: Sequence[float] | Literal["auto"] = "auto", inference_lr: float = 0.1,
                  inference_steps: int = 300, tol: float = 1e-4, inference_patience: int = 10,
-                 inference_batch: int = 2048, bank: ConceptBank | None = None,
+                 inference_init: Literal["networks", "uniform"] = "networks", inference_batch: int = 2048,
+                 bank: ConceptBank | None = None,
                  pseudo_threshold: str | float | tuple[str, float] = "auto", exact_max_concepts: int = 14,
                  gibbs_chains: int = 256, gibbs_sweeps: int = 200, seed: int = 0, device: str = "auto",
                  stream: Stream = "auto") -> None:
@@ -111,6 +116,7 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         self.inference_steps = inference_steps
         self.tol = tol
         self.inference_patience = inference_patience
+        self.inference_init = inference_init
         self.inference_batch = inference_batch
         self.bank = bank
         self.pseudo_threshold = pseudo_threshold
@@ -213,6 +219,8 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         weights = self._weights(self.loss_weights, "loss_weights")
         if self.inference_weights != "auto":
             self._inference_weights(self.inference_weights)
+        if self.inference_init not in ("networks", "uniform"):
+            raise ValueError(f"inference_init must be 'networks' or 'uniform', got {self.inference_init!r}.")
         fingerprint = x.backbone_fingerprint if isinstance(x, Embeddings) else None
         features = as_matrix(x, "x")
         labels = as_labels(y, len(features))
@@ -265,19 +273,20 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         self.net_ = net.cpu().eval()
         self.metrics_ = {"val_loss": history["best_val_loss"]}
         if self.inference_weights == "auto":
-            scores = {}
+            scores, trials = {}, {}
             for weight in AUTO_GLOBAL_WEIGHTS:
                 self.inference_weights_ = (1.0, 1.0, weight)
-                trial = self.infer(val_x)
+                trials[weight] = trial = self.infer(val_x)
                 scores[weight] = (accuracy(trial.logits, val_y)
                                   + float(((trial.concept_probs > 0.5).float() == val_c).float().mean()))
             best = max(AUTO_GLOBAL_WEIGHTS, key=lambda w: (round(scores[w], 4), w))
             self.inference_weights_ = (1.0, 1.0, best)
             self.training_selection_ = {str(w): v for w, v in scores.items()}
+            val_inference = trials[best]
         else:
             self.inference_weights_ = self._inference_weights(self.inference_weights)
             self.training_selection_ = {}
-        val_inference = self.infer(val_x)
+            val_inference = self.infer(val_x)
         self.metrics_.update({
             "val_accuracy": accuracy(val_inference.logits, val_y),
             "val_concept_accuracy": float(((val_inference.concept_probs > 0.5).float() == val_c).float().mean()),
@@ -368,8 +377,8 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         rows whose fixed concepts already hold ``init``'s values (an empty mask included) keep ``init``'s
         result exactly, and the other rows resume ``init``'s optimisation (variables and Adam's moments,
         so that only the change itself moves them; a fresh optimiser would take full-size steps from the
-        optimum). Without ``init``, the variables start uniform, as in the reference, and identical
-        unconstrained rows are inferred once.
+        optimum). Without ``init``, the variables start where ``inference_init`` says (the networks' own
+        predictions, or uniform as in the reference), and identical unconstrained rows are inferred once.
         """
         features = self._features(x).detach()
         n, k = len(features), len(self.concept_names_)
@@ -406,7 +415,7 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
                                           given[rows].to(run_on), lam, links,
                                           None if start is None else start.take(rows).to(run_on),
                                      max_steps=self.inference_steps, lr=self.inference_lr, tol=self.tol,
-                                     patience=self.inference_patience))
+                                     patience=self.inference_patience, init=self.inference_init))
         self.net_.cpu()
         return Inference(*(torch.cat([o[i] for o in outs]).cpu() for i in range(len(outs[0]))))
 
@@ -601,6 +610,7 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         if "intervention_weights" in params:  # older bundles; interventions now share the inference weights
             logger.info("this bundle's intervention_weights %s are no longer used: interventions use the "
                         "inference weights", params.pop("intervention_weights"))
+        params.setdefault("inference_init", "uniform")  # bundles from before the option started uniform
         for key in ("loss_weights", "inference_weights"):
             if params[key] != "auto":
                 params[key] = tuple(params[key])

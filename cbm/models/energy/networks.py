@@ -110,6 +110,38 @@ class EnergyNetworks(nn.Module):
         return self.global_out(F.relu(e * (1 + u))).squeeze(-1)
 
 
+class ConceptEnergyTable:
+    """``E_xc(x, c_k = p)`` of one batch for relaxed ``p`` in [0, 1], as the exact piecewise-linear function
+    of ``p`` it is: a bias plus H ReLUs of ``z0 + p dz`` (``EnergyNetworks.concept_energy_parts``).
+
+    Knots (where a unit switches), values and slopes are built once per batch; each evaluation is then a
+    binary search per concept instead of a sum over H units, which is what makes the inference loop (which
+    evaluates the concept energy at every step) cheap. Differentiable w.r.t. ``p`` (the slope)."""
+
+    def __init__(self, net: EnergyNetworks, parts: tuple[torch.Tensor, torch.Tensor]) -> None:
+        z0, dz = parts  # [B, K, H]
+        w = net.concept_out_weight.detach()[None]  # [1, K, H]
+        with torch.no_grad():
+            switch = torch.where(dz != 0, -z0 / torch.where(dz != 0, dz, torch.ones_like(dz)), torch.zeros_like(dz))
+            crossing = (switch > 0) & (switch < 1)
+            knots, order = torch.where(crossing, switch, torch.ones_like(switch)).sort(dim=-1)
+            jumps = torch.where(crossing, w * dz.abs(), torch.zeros_like(dz)).gather(-1, order)
+            on_at_zero = (z0 > 0) | ((z0 == 0) & (dz > 0))
+            first_slope = (w * dz * on_at_zero).sum(-1, keepdim=True)  # just above p = 0
+            at_zero = (w * z0.clamp_min(0)).sum(-1, keepdim=True) + net.concept_out_bias.detach()[None, :, None]
+            self.knots = torch.cat([torch.zeros_like(first_slope), knots], dim=-1)  # [B, K, H + 1]
+            self.slopes = torch.cat([first_slope, first_slope + jumps.cumsum(-1)], dim=-1)
+            rises = self.slopes[..., :-1] * self.knots.diff(dim=-1)
+            self.values = torch.cat([at_zero, at_zero + rises.cumsum(-1)], dim=-1)
+
+    def __call__(self, p_c: torch.Tensor) -> torch.Tensor:
+        """``E_xc(x, c_k = p_c[:, k])`` [B, K]."""
+        p = p_c.clamp(0, 1)[..., None]
+        segment = (torch.searchsorted(self.knots, p.detach(), right=True) - 1).clamp_min(0)
+        knot, value, slope = (t.gather(-1, segment) for t in (self.knots, self.values, self.slopes))
+        return (value + slope * (p - knot)).squeeze(-1)
+
+
 @contextmanager
 def frozen(net: nn.Module) -> Iterator[None]:
     """The network's weights out of autograd while the block runs (inference and read-outs never train)."""
