@@ -25,6 +25,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -75,6 +76,31 @@ def real_tensor(value: Any, name: str) -> torch.Tensor:
     return tensor.to(torch.float32)  # no detach: gradients flow through the models (TCAV)
 
 
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted (one pass: linear in the number of names)."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
+
+
+class NameIndex:
+    """Positions of the unique names of a list, for constant-time lookups in long lists.
+
+    The mapping is rebuilt whenever the list it was built from is replaced or changed (a found position
+    is checked against the list), so it never answers for a list it does not reflect.
+    """
+
+    def __init__(self) -> None:
+        self._names: list[str] | None = None
+        self._positions: dict[str, int] = {}
+
+    def find(self, names: list[str], name: str) -> int | None:
+        """The position of ``name`` in ``names``, or None when it is absent."""
+        position = self._positions.get(name) if self._names is names else None
+        if position is None or position >= len(names) or names[position] != name:
+            self._names, self._positions = names, {known: i for i, known in enumerate(names)}
+            position = self._positions.get(name)
+        return position
+
+
 def encode_concepts(encoder: TextEncoder, names: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
     """Unit text vectors [K,D]: each template embedding normalised, averaged, renormalised.
@@ -108,7 +134,7 @@ class ConceptBank:
         names = [validate_concept(name) for name in names]
         if not names:
             raise ValueError("a concept bank needs at least one concept; got an empty list.")
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        duplicates = repeated(names)
         if duplicates:
             raise ValueError(f"concept names must be unique; repeated: {duplicates[:10]}.")
         if kind not in KINDS:
@@ -136,6 +162,7 @@ class ConceptBank:
             if (norms - 1).abs().max() > 1e-6:  # keep already-unit vectors bit for bit (bundle round trips)
                 vectors = torch.nn.functional.normalize(vectors, dim=1)
         self.names = names
+        self._name_index = NameIndex()
         self.vectors = vectors
         self.intercepts = intercepts
         self.kind = kind
@@ -182,12 +209,11 @@ class ConceptBank:
         """Position of a concept; a clear ``KeyError`` naming close matches otherwise."""
         if not isinstance(name, str):
             raise TypeError(f"concepts are named by strings, got {type(name).__name__} {name!r}.")
-        try:
-            return self.names.index(name)
-        except ValueError:
+        position = self._name_index.find(self.names, name)
+        if position is None:
             close = [n for n in self.names if name.lower() in n.lower() or n.lower() in name.lower()]
-            raise KeyError(f"no concept {name!r} in this bank" + (f"; did you mean {close[:5]}?" if close else ".")) \
-                from None
+            raise KeyError(f"no concept {name!r} in this bank" + (f"; did you mean {close[:5]}?" if close else "."))
+        return position
 
     # ----------------------------------------------------------------------------- scoring
 

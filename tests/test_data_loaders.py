@@ -149,10 +149,12 @@ def test_jsonl_manifest_concepts_object_and_root(manifest_images: Path, tmp_path
     assert ds.concept_names == ["red", "round"]
     np.testing.assert_array_equal(ds.concept_labels, [[1, 0], [0, 1]])
     assert gray(ds.load(0)) == pytest.approx(20)
-    # flat rows: every key other than path/label is a concept
+    # flat rows: every key other than path/label is a concept; an absolute path outside the root needs consent
     flat = tmp_path / "elsewhere" / "flat.jsonl"
     flat.write_text(json.dumps({"path": str(manifest_images / "img/c.png"), "label": "x", "shiny": 1}) + "\n")
-    ds = ManifestDataset(flat)
+    with pytest.raises(ValueError, match="outside the image root"):
+        ManifestDataset(flat)
+    ds = ManifestDataset(flat, allow_outside_root=True)
     assert ds.concept_names == ["shiny"] and ds.class_names == ["x"]
 
 

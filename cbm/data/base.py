@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_CLASSES = 100_000  # labels are class indices below this; a larger one is refused, never allocated
 
 
 class ImageReadError(OSError):

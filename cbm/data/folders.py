@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 
 from cbm.data.base import (
     IMAGE_SUFFIXES,
+    MAX_CLASSES,
     ConceptDataset,
     OnError,
     digest,
@@ -129,11 +131,17 @@ class ManifestDataset(ConceptDataset):
     """Images listed in a CSV or JSONL manifest, with optional per-image concept labels.
 
     Columns: ``path`` (relative paths resolve against ``root``, default the manifest's
-    folder), ``label`` (a class name, or an integer class index) and any number of 0/1
-    concept columns. A JSONL row may instead carry a ``concepts`` object mapping concept name
-    to 0/1. ``class_names`` fixes the class order (otherwise names are sorted, or integer
-    labels become "0", "1", ...). A listed file that does not exist raises FileNotFoundError,
-    or with ``on_error="skip"`` is logged and dropped.
+    folder), ``label`` (a class name, or an integer class index below ``MAX_CLASSES``) and any
+    number of 0/1 concept columns. A JSONL row may instead carry a ``concepts`` object mapping
+    concept name to 0/1. ``class_names`` fixes the class order (otherwise names are sorted, or
+    integer labels become "0", "1", ...). A listed file that does not exist raises
+    FileNotFoundError, or with ``on_error="skip"`` is logged and dropped.
+
+    A manifest is a file someone else may have written, so every path must lie inside ``root``
+    (checked on the path as written: ``..`` and absolute paths that leave it are refused, so a
+    manifest cannot make the toolkit read files elsewhere); ``allow_outside_root=True`` lifts
+    this for a manifest you trust. One file listed twice under different spellings (``a.png``,
+    ``./x/../a.png``, its absolute path) is refused.
     """
 
     def __init__(
@@ -142,8 +150,10 @@ class ManifestDataset(ConceptDataset):
         root: str | Path | None = None,
         on_error: OnError = "raise",
         class_names: Sequence[str] | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
+        self.allow_outside_root = bool(allow_outside_root)
         if not self.path.is_file():
             raise FileNotFoundError(f"manifest file {self.path} does not exist; check the path.")
         self.on_error = check_on_error(on_error)
@@ -193,8 +203,8 @@ class ManifestDataset(ConceptDataset):
                     continue
                 try:
                     record = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{self.path}:{line}: not valid JSON ({error.msg}).") from error
+                except ValueError as error:  # also an integer of more than 4300 digits
+                    raise ValueError(f"{self.path}:{line}: not valid JSON ({getattr(error, 'msg', error)}).") from None
                 if not isinstance(record, dict) or "path" not in record or "label" not in record:
                     raise ValueError(f"{self.path}:{line}: each line must be an object with 'path' and 'label'.")
                 if not isinstance(record["path"], str) or not record["path"]:
@@ -219,7 +229,8 @@ class ManifestDataset(ConceptDataset):
         concept_names = list(rows[0][3])
         concept_set = set(concept_names)
         kept: list[tuple[int, str, Path, Any, list[float]]] = []
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[int, str]] = {}
+        root = os.path.abspath(self.root)
         for line, raw_path, raw_label, concepts in rows:
             where = f"{self.path}:{line}"
             if set(concepts) != concept_set:
@@ -227,13 +238,16 @@ class ManifestDataset(ConceptDataset):
                     f"{where}: concepts {sorted(concepts)} differ from those of the first row {sorted(concept_set)}."
                 )
             sample_id = Path(raw_path).as_posix()
-            if sample_id in seen:
-                raise ValueError(f"{where}: path {raw_path!r} is already listed on line {seen[sample_id]}.")
-            seen[sample_id] = line
+            file_path = Path(os.path.normpath(os.path.join(root, os.path.expanduser(raw_path))))
+            if not self.allow_outside_root and os.path.commonpath([root, file_path]) != root:
+                raise ValueError(f"{where}: path {raw_path!r} leads outside the image root {root}; list files inside "
+                                 "it, pass root=, or allow_outside_root=True for a manifest you trust.")
+            if str(file_path) in seen:
+                first, spelled = seen[str(file_path)]
+                raise ValueError(f"{where}: path {raw_path!r} is the file already listed on line {first} as "
+                                 f"{spelled!r}; list each image once.")
+            seen[str(file_path)] = (line, raw_path)
             values = [_parse_concept_value(concepts[name], where, name) for name in concept_names]
-            file_path = Path(raw_path).expanduser()
-            if not file_path.is_absolute():
-                file_path = self.root / file_path
             if not file_path.is_file():
                 message = f"{where}: image {file_path} does not exist; fix the path or the root."
                 if self.on_error == "raise":
@@ -268,17 +282,16 @@ class ManifestDataset(ConceptDataset):
             for line, label in labels:
                 if isinstance(label, str) and label in index:
                     result.append(index[label])
-                elif (isinstance(label, int) or _INT.match(label)) and 0 <= int(label) < len(names):
-                    result.append(int(label))
-                else:
-                    raise ValueError(f"{self.path}:{line}: label {label!r} is not one of class_names {names}.")
+                    continue
+                integer = isinstance(label, int) or (_INT.match(label) and len(label) < 20)  # no 5000-digit int()
+                if not (integer and 0 <= int(label) < len(names)):
+                    raise ValueError(f"{self.path}:{line}: label {label!r:.40} is not one of class_names "
+                                     f"{names[:10]}{' ...' if len(names) > 10 else ''}.")
+                result.append(int(label))
             return names, result
         as_int = [isinstance(label, int) or bool(_INT.match(label)) for _, label in labels]
         if all(as_int):
-            values = [int(label) for _, label in labels]
-            for (line, _), value in zip(labels, values):
-                if value < 0:
-                    raise ValueError(f"{self.path}:{line}: integer label {value} is negative.")
+            values = [self._class_number(line, label) for line, label in labels]
             return [str(i) for i in range(max(values) + 1)], values
         for line, label in labels:
             if not isinstance(label, str):
@@ -290,6 +303,19 @@ class ManifestDataset(ConceptDataset):
         names = sorted({label for _, label in labels})
         index = {name: i for i, name in enumerate(names)}
         return names, [index[label] for _, label in labels]
+
+    def _class_number(self, line: int, label: int | str) -> int:
+        """An integer label as a class index, checked before anything is sized by it (a label of 10^12 would
+        otherwise make 10^12 class names)."""
+        text = str(label).strip()
+        short = len(text.lstrip("+-").lstrip("0")) <= len(str(MAX_CLASSES))
+        value = int(text) if short else -1 if text.startswith("-") else MAX_CLASSES
+        if value < 0:
+            raise ValueError(f"{self.path}:{line}: integer label {text[:30]} is negative.")
+        if value >= MAX_CLASSES:
+            raise ValueError(f"{self.path}:{line}: integer label {str(label)[:30]} is too large: labels are class "
+                             f"indices, at most {MAX_CLASSES - 1:,}; map the labels to 0, 1, ... first.")
+        return value
 
     def load(self, index: int) -> Image.Image:
         """The image as RGB; ImageReadError naming the file when it cannot be decoded."""

@@ -26,17 +26,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
 
 from cbm.backbones import Backbone, load_backbone
+from cbm.data.base import MAX_CLASSES
 from cbm.embed import Embeddings
 from cbm.models.bundle import BundleError, read_bundle, write_bundle
-from concepts.bank import ConceptBank, real_tensor
+from concepts.bank import ConceptBank, NameIndex, real_tensor, repeated
 
 logger = logging.getLogger(__name__)
 
 FAMILIES: dict[str, type[ConceptBottleneckModel]] = {}
 ArrayLike = torch.Tensor | np.ndarray
-
-
-MAX_CLASSES = 100_000
 
 
 def as_real_tensor(value: Any, name: str) -> torch.Tensor:
@@ -182,9 +180,9 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         self.class_names_ = list(class_names) if class_names else [f"class {i}" for i in range(n_classes)]
         if not all(isinstance(name, str) and name.strip() for name in self.class_names_):
             raise ValueError("class_names must be non-blank strings; pass them as a list of str.")
-        repeated = sorted({name for name in self.class_names_ if self.class_names_.count(name) > 1})
-        if repeated:
-            raise ValueError(f"class_names must be unique; repeated: {repeated[:5]}.")
+        duplicates = repeated(self.class_names_)
+        if duplicates:
+            raise ValueError(f"class_names must be unique; repeated: {duplicates[:5]}.")
         if len(self.class_names_) < n_classes:
             raise ValueError(f"{len(self.class_names_)} class names given but labels go up to {n_classes - 1}.")
         self.backbone_spec_, self.backbone_fingerprint_ = backbone or ("", "")
@@ -247,25 +245,34 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         y = as_labels(labels_of(x, y), len(predicted), len(self.class_names_))
         return float(np.average(predicted == y.numpy(), weights=sample_weight))
 
+    def _name_position(self, kind: str, names: list[str], name: str) -> int | None:
+        """Position of ``name`` in the fitted ``names`` (class or concept names) in constant time."""
+        indexes = self.__dict__.setdefault("_name_indexes", {})
+        return indexes.setdefault(kind, NameIndex()).find(names, name)
+
     def concept_index(self, name: str) -> int:
         """Index of a concept by name, or a KeyError listing close names."""
-        names = self.concept_names
+        self._check_fitted()
+        names = self.concept_names_
         if not isinstance(name, str):
             raise TypeError(f"concepts are named by strings, got {type(name).__name__} {name!r}.")
-        if name in names:
-            return names.index(name)
+        position = self._name_position("concept", names, name)
+        if position is not None:
+            return position
         close = [n for n in names if name.lower() in n.lower()][:5]
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
         raise KeyError(f"unknown concept {name!r}{hint}")
 
     def class_index(self, name: str) -> int:
         """Index of a class by name, or a KeyError listing the classes."""
+        self._check_fitted()
         if not isinstance(name, str):
             raise TypeError(f"classes are named by strings, got {type(name).__name__} {name!r}.")
-        if name not in self.class_names:
-            raise KeyError(f"unknown class {name!r}; the classes are {', '.join(self.class_names[:10])}"
-                           f"{', ...' if len(self.class_names) > 10 else ''}.")
-        return self.class_names.index(name)
+        position = self._name_position("class", self.class_names_, name)
+        if position is None:
+            raise KeyError(f"unknown class {name!r}; the classes are {', '.join(self.class_names_[:10])}"
+                           f"{', ...' if len(self.class_names_) > 10 else ''}.")
+        return position
 
     def concept_reference(self, name: str, which: str) -> float:
         """A named reference value of a concept (e.g. "high"/"low") for interventions, where the family has one."""
