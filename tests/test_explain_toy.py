@@ -73,7 +73,7 @@ def _tcav_inputs(backbone, concept: str, target: str, n: int = 20):
     pytest.mark.xfail(strict=True, reason="known gap, a limit of TCAV's statistic on toy:clip: 'red' for 'tomato' has "
                       "p 0.37 here (a third of the random pool is red; the CAV flips in 2 of 8 runs). With 90 examples "
                       "'red' scores 0.95-1.0 but random concepts alone score 0.2-0.97 (17 classes: random sets differ "
-                      "in class mix, and the tomato gradient is coherent), so p stays 0.11-0.26; see README known gaps")))])
+                      "in class mix, and the tomato gradient is coherent), so p stays 0.11-0.26; see docs/families.md known gaps")))])
 def test_tcav_finds_a_planted_concept_at_a_backbone_layer(spec, layer, fitted):
     backbone, model = fitted(spec)["backbone"], fitted(spec)["model"]
     classes, concepts, random = _tcav_inputs(backbone, "red", "tomato")
