@@ -1,5 +1,6 @@
-"""The baselines every family is compared with: the black-box linear probe on embeddings, the joint CBM of
-the ECBM paper's tables, and the time-averaged concept classifier for videos."""
+"""The baselines the families are compared with: the black-box linear probe on embeddings and the
+time-averaged concept classifier for videos. (The joint CBM of Koh et al. is a family of its own:
+``cbm.models.bottleneck.ConceptBottleneck(training="joint")``.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from cbm.models.base import (
     Validation,
@@ -110,80 +110,6 @@ class LinearProbe:
     def score(self, x: Any, y: Any = None) -> float:
         y = labels_of(x, y)
         return float(np.mean(self.predict(x) == np.asarray(y)))
-
-
-class JointCBMBaseline:
-    """The baseline of the ECBM paper's tables: a joint CBM (Koh et al. 2020) on the same embeddings.
-
-    A linear concept predictor ``sigmoid(W f(x) + b)`` and a linear head on the concept probabilities,
-    trained together on ``cross-entropy(y) + concept_weight * BCE(c)`` with Adam and early stopping on
-    the validation loss. Intervening replaces concept probabilities by the given values; the other
-    concepts cannot move (they depend on x only), which is what the ECBM comparison tests.
-    """
-
-    def __init__(self, *, concept_weight: float = 1.0, lr: float = 1e-2, weight_decay: float = 1e-5,
-                 batch_size: int = 64, max_epochs: int = 100, patience: int = 8, seed: int = 0) -> None:
-        self.concept_weight, self.lr, self.weight_decay = concept_weight, lr, weight_decay
-        self.batch_size, self.max_epochs, self.patience, self.seed = batch_size, max_epochs, patience, seed
-
-    def fit(self, x: Any, y: Any, concepts: Any, validation: tuple[Any, Any, Any]) -> JointCBMBaseline:
-        x, c = as_matrix(x, "x"), as_matrix(concepts, "concepts")
-        y = as_labels(y, len(x))
-        vx, vc = as_matrix(validation[0], "validation x", x.shape[1]), as_matrix(validation[2], "validation concepts")
-        vy = as_labels(validation[1], len(vx))
-        self.mean_, self.scale_ = x.mean(0), x.std(0).clamp_min(1e-6)
-        x, vx = (x - self.mean_) / self.scale_, (vx - self.mean_) / self.scale_
-        n_classes = int(max(y.max(), vy.max())) + 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.concept_layer_ = nn.Linear(x.shape[1], c.shape[1])
-            self.head_ = nn.Linear(c.shape[1], n_classes)
-        params = [*self.concept_layer_.parameters(), *self.head_.parameters()]
-        optimiser = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        generator = torch.Generator().manual_seed(self.seed)
-
-        def loss_of(bx, by, bc):
-            s = self.concept_layer_(bx)
-            return (F.cross_entropy(self.head_(torch.sigmoid(s)), by)
-                    + self.concept_weight * F.binary_cross_entropy_with_logits(s, bc))
-
-        best, best_state, stale = float("inf"), None, 0
-        for _ in range(self.max_epochs):
-            for batch in torch.randperm(len(x), generator=generator).split(self.batch_size):
-                loss = loss_of(x[batch], y[batch], c[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            with torch.no_grad():
-                val = float(loss_of(vx, vy, vc))
-            if best_state is None or val < best - 1e-4 * abs(best):
-                best, stale = val, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        with torch.no_grad():
-            for p, saved in zip(params, best_state or []):
-                p.copy_(saved)
-        return self
-
-    def concepts(self, x: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.sigmoid(self.concept_layer_((as_matrix(x, "x") - self.mean_) / self.scale_))
-
-    def predict_from_concepts(self, c: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.head_(as_matrix(c, "concepts"))
-
-    def decision_function(self, x: Any) -> torch.Tensor:
-        return self.predict_from_concepts(self.concepts(x))
-
-    def intervene(self, x: Any, mask: Any, values: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(concepts after, logits after): intervened concepts replaced, the others unchanged."""
-        c = self.concepts(x)
-        c = torch.where(torch.as_tensor(mask, dtype=torch.bool), as_matrix(values, "values", c.shape[1]), c)
-        return c, self.predict_from_concepts(c)
 
 
 class TimeAveragedCBM:
