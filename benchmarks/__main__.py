@@ -33,6 +33,7 @@ RUNNER_SIZES: dict[str, dict] = {
     "temporal": {},
     "audit": {},
     "editor": {},
+    "peers": {"train": 3000, "val": 1000, "test": 1000, "backbones": ("toy:cnn",)},
 }
 
 

@@ -8,6 +8,8 @@ Entry points: ``load_backbone`` (open_clip, torchvision, timm and the shipped to
 from cbm.backbones import Backbone, WeightsUnavailableError, load_backbone
 from cbm.embed import Embeddings, embed
 from cbm.models import (
+    ConceptBottleneck,
+    ConceptEmbeddingModel,
     EnergyCBM,
     LaBoCBM,
     PosthocCBM,
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
+    "ConceptBottleneck",
+    "ConceptEmbeddingModel",
     "Embeddings",
     "EnergyCBM",
     "LaBoCBM",

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import socket
 from collections.abc import Callable, Sequence
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 TOY_SPECS = {"toy:clip": ASSETS / "toy_clip", "toy:cnn": ASSETS / "toy_cnn"}
 TEXT_BATCH = 256
+#: Weight files open_clip looks for in an ``openclip:local-dir:`` folder (it would build a random model without one).
+LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -316,7 +319,17 @@ def _load_openclip(spec: str, rest: str, device: str | torch.device) -> OpenCLIP
         if not (path / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{path} has no open_clip_config.json; an openclip:local-dir: folder needs "
                                     "the config and a weights file (e.g. open_clip_model.safetensors).")
-        model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}")
+        weights = [file for suffix in LOCAL_WEIGHT_SUFFIXES for file in sorted(path.glob(f"*{suffix}"))]
+        if not weights:
+            raise FileNotFoundError(f"{path} has no weights file ({', '.join(LOCAL_WEIGHT_SUFFIXES)}), so open_clip "
+                                    "would build a random model; put the model's weights (e.g. "
+                                    "open_clip_model.safetensors) beside its config.")
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{path}")
+        except Exception:  # say which file is not a weights file in one sentence; else open_clip's own error
+            for file in weights:
+                load_state_dict_file(file)
+            raise
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
         return OpenCLIPBackbone(spec, model, transform, tokenizer, device)
     if rest.startswith("hf-hub:"):
@@ -355,15 +368,63 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors, or from a torch file with ``weights_only=True`` (no code runs)."""
+    """Read a state dict (names -> tensors) from .safetensors, or from a torch file with ``weights_only=True``
+    (no code runs); a file that is neither is a ValueError saying what the file must be."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: (\S+ \S+)", str(error))
+        if found:  # a pickle that names Python objects: loading it could run code
+            raise ValueError(f"{path} holds pickled Python objects besides tensors ({found.group(1)}), which could "
+                             "run code when loaded, so it is refused; save only its tensors where it comes from "
+                             "(e.g. safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')).") from None
+        raise ValueError(_NOT_WEIGHTS.format(path=path)) from None
+    except Exception:  # safetensors, zip and pickle readers fail in many ways on a file of another kind
+        raise ValueError(_NOT_WEIGHTS.format(path=path)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (weight names -> tensors); save "
+                         "model.state_dict() instead.")
+    odd = next((key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, torch.Tensor))),
+               None)
+    if odd is not None:
+        raise ValueError(f"{path} is not a state dict: its entry {odd!r} is a {type(state[odd]).__name__}, not a "
+                         "tensor; save model.state_dict() instead.")
+    return state
+
+
+_NOT_WEIGHTS = ("{path} is not a weights file: give a .safetensors file or a state dict saved with torch.save "
+                "(torch files with other pickled objects are refused, since loading them can run code).")
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, spec: str) -> None:
+    """One sentence when a state dict is not the weights of ``model`` (missing, unexpected or reshaped names)."""
+    expected = model.state_dict()
+    problems = [(what, names) for what, names in (
+        ("missing", [k for k in expected if k not in state]),
+        ("unexpected", [k for k in state if k not in expected]),
+        ("of another shape", [k for k in expected if k in state and state[k].shape != expected[k].shape])) if names]
+    if problems:
+        raise ValueError(f"the weights in {path} do not fit {spec}: "
+                         + ", ".join(f"{len(names)} {what} (e.g. {names[0]})" for what, names in problems)
+                         + "; give weights saved from this architecture.")
+
+
+def _load_weights(model: nn.Module, path: str | Path, spec: str) -> None:
+    """Load a state-dict file into ``model`` (every weight, each of its shape)."""
+    state = load_state_dict_file(path)
+    _check_fits(model, state, path, spec)
+    model.load_state_dict(state)
 
 
 def _load_torchvision(spec: str, rest: str, device: str | torch.device, layer: str | None) -> FeatureBackbone:
@@ -377,7 +438,7 @@ def _load_torchvision(spec: str, rest: str, device: str | torch.device, layer: s
         with seeded_init():
             model = models.get_model(arch, weights=None)
         if tag != "random":
-            model.load_state_dict(load_state_dict_file(tag))
+            _load_weights(model, tag, spec)
         transform = _image_transform(256, 224, IMAGENET_MEAN, IMAGENET_STD)
         weights_id = None
     else:
@@ -405,7 +466,14 @@ def _load_timm(spec: str, rest: str, device: str | torch.device, layer: str | No
         with seeded_init():
             model = timm.create_model(name, pretrained=False)
     elif tag:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(Path(tag).expanduser())})
+        path = Path(tag).expanduser()
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r}; see timm.list_models().")
+        try:  # timm's loader, which also adapts checkpoints of the original repositories
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        except Exception:  # say what is wrong with the file in one sentence; else timm's own error
+            _check_fits(timm.create_model(name, pretrained=False), load_state_dict_file(path), path, spec)
+            raise
     else:
         model = timm.create_model(name, pretrained=False)
         cfg = model.pretrained_cfg

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from cbm.untrusted import TerminalLogFormatter, for_terminal
+
 logger = logging.getLogger("cbm")
 
 DESCRIPTION = """Concept bottleneck models on frozen CLIP and CNN backbones.
@@ -37,6 +39,8 @@ FIT_EPILOG = """examples:
   cbm fit labo --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --shots 1 --out labo.cbm
   cbm fit sparse --backbone toy:clip --data toy:images@train --val toy:images@val --concepts toy --out sparse.cbm
   cbm fit energy --backbone toy:cnn --data toy:images@train --val toy:images@val --concepts labels --out ecbm.cbm
+  cbm fit cbm --backbone toy:cnn --data toy:images@train --val toy:images@val --training joint --out cbm.cbm
+  cbm fit cem --backbone toy:cnn --data toy:images@train --val toy:images@val --out cem.cbm
   cbm fit temporal --backbone toy:clip --data toy:videos@train --val toy:videos@val --concepts toy --out motif.cbm"""
 
 
@@ -92,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for entry in entries:
         what = "incomplete" if entry.get("incomplete") else (
             f"{entry['backbone']} on {entry['dataset']} [{entry['dtype']}]")
-        print(f"  {entry['key']}  {_human(entry['bytes']):>9}  {what}")
+        print(for_terminal(f"  {entry['key']}  {_human(entry['bytes']):>9}  {what}"))
     return 0
 
 
@@ -104,7 +108,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from cbm.backbones import load_backbone
     from cbm.data.registry import load_dataset
     from cbm.embed import DEFAULT_SHARD_SIZE, embed
+    from cbm.files import atomic_path, atomic_write_text, refuse_existing
 
+    outputs = _embed_outputs(args.out) if args.out else ()
+    refuse_existing(outputs, args.force)
     options = {"on_error": args.on_error}
     if args.window:
         options["window"] = args.window
@@ -117,19 +124,29 @@ def cmd_embed(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
-    print(f"embedded {len(result)} samples of {dataset.describe()} with {backbone.spec}: "
+    print(f"embedded {len(result)} samples of {for_terminal(dataset.describe())} with {for_terminal(backbone.spec)}: "
           f"features {tuple(result.features.shape)}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable samples (listed in the log above)")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": result.features.contiguous(), "labels": result.labels}, str(out),
-                  metadata={"backbone": backbone.spec, "backbone_fingerprint": backbone.fingerprint})
-        out.with_suffix(".json").write_text(json.dumps(
-            {"ids": result.ids, "class_names": result.class_names, "skipped": result.skipped}, indent=1))
-        print(f"wrote {out} and {out.with_suffix('.json')}")
+    if outputs:
+        features, ids = outputs
+        with atomic_path(features) as tmp:
+            save_file({"features": result.features.contiguous(), "labels": result.labels}, str(tmp),
+                      metadata={"backbone": backbone.spec, "backbone_fingerprint": backbone.fingerprint})
+        atomic_write_text(ids, json.dumps({"ids": result.ids, "class_names": result.class_names,
+                                           "skipped": result.skipped}, indent=1))
+        print(f"wrote {for_terminal(features)} and {for_terminal(ids)}")
     return 0
+
+
+def _embed_outputs(out: str) -> tuple[Path, Path]:
+    """``cbm embed --out``'s two files: the features (safetensors) and, beside them, the ids (.json)."""
+    features = Path(out)
+    ids = features.with_suffix(".json")
+    if ids == features:
+        raise ValueError(f"--out {out} would put the features and the ids in one file; give a .safetensors path "
+                         "(the ids are written beside it as .json).")
+    return features, ids
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -269,8 +286,35 @@ def _fit_temporal(args: argparse.Namespace, bank, train, validation):
                    f"validation accuracy {model.metrics_['val_accuracy']:.3f} (epoch {model.training_['best_epoch']})")
 
 
+def _fit_supervised(args: argparse.Namespace, bank, train, validation):
+    """cbm (Koh et al.'s concept bottleneck) and cem (concept embeddings): concepts from the data's labels."""
+    from cbm.models import ConceptBottleneck, ConceptEmbeddingModel
+
+    if train.concept_labels is None:
+        raise ValueError(f"cbm fit {args.family} learns its concepts from concept labels, and {args.data} has none; "
+                         "use a dataset that carries them (toy:images, cub:ROOT, a manifest with concept columns).")
+    options = {key: value for key, value in (("max_epochs", args.epochs), ("lr", args.lr),
+                                             ("concept_weight", args.concept_weight)) if value is not None}
+    common = {"predictor": args.predictor, "head": args.head, "hidden": args.hidden, "seed": args.seed,
+              "concept_class_weights": "balanced" if args.balanced else None, **options, **_head_options(args)}
+    if args.family == "cbm":
+        model = ConceptBottleneck(training=args.training, head_input=args.head_input, **common)
+        name = f"concept bottleneck ({args.training})"
+    else:
+        model = ConceptEmbeddingModel(embedding_size=args.embedding_size, training_intervention_prob=args.p_int,
+                                      **common)
+        name = f"CEM (RandInt {args.p_int:g})"
+    model.fit(train, validation=validation)
+    metrics = model.metrics_
+    return model, (f"{name} on {len(train)} samples: validation accuracy {metrics['val_accuracy']:.3f}, concept "
+                   f"accuracy {metrics['val_concept_accuracy']:.3f}, {metrics['val_accuracy_all_true_concepts']:.3f} "
+                   "with every concept set to its label")
+
+
 FIT_FAMILIES = {"posthoc": _fit_posthoc, "labo": _fit_labo, "sparse": _fit_sparse, "energy": _fit_energy,
-                "temporal": _fit_temporal}
+                "temporal": _fit_temporal, "cbm": _fit_supervised, "cem": _fit_supervised}
+#: Families whose concepts are the data's concept labels: they take no concept bank.
+LABEL_FAMILIES = ("cbm", "cem")
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -280,13 +324,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it.")
+    if args.family in LABEL_FAMILIES and args.concepts not in (None, "labels"):
+        raise ValueError(f"cbm fit {args.family} learns its concepts from the data's concept labels; drop --concepts "
+                         "(or give --concepts labels).")
+    if args.family not in LABEL_FAMILIES and args.concepts is None:
+        raise ValueError(f"cbm fit {args.family} needs --concepts: a bank folder, a candidates file, 'labels' or "
+                         "'toy'.")
     backbone, train = _embed_for(args.backbone, args.data, args)
     validation = _embed_for(args.backbone, args.val, args)[1] if args.val else None
-    bank = _bank_for(args.concepts, backbone, train, args.templates)
+    bank = None if args.family in LABEL_FAMILIES else _bank_for(args.concepts, backbone, train, args.templates)
     if args.family == "labo":
         model, summary = _fit_labo(args, bank, train, validation, backbone)
     else:
-        if not isinstance(bank, ConceptBank):  # candidates: every one of them, encoded with --templates
+        if bank is not None and not isinstance(bank, ConceptBank):  # candidates: all of them, encoded with --templates
             bank = ConceptBank.from_text(bank.concepts(), backbone, templates=args.templates)
         model, summary = FIT_FAMILIES[args.family](args, bank, train, validation)
     model.save(out)
@@ -311,30 +361,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """Prune concepts (for one class or all) or set weights; write the edited model to a new file."""
+    from cbm.files import refuse_existing
     from cbm.models import load
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; edits never overwrite silently: choose another --out or pass --force.")
+    refuse_existing([out], args.force)
     model = load(args.model)
     validation = None
     if args.val:
         validation = _embed_for(model.backbone_spec_, args.val, args, model.backbone_fingerprint_)[1]
     action = "prune_normalize" if args.normalize else "prune"
     for target in args.prune:
-        concept, _, class_name = target.partition(":")
-        model, record = model.edit(action, concept, class_name or None, validation=validation, reason=args.reason)
+        concept, class_name = _edit_target(model, target)
+        model, record = model.edit(action, concept, class_name, validation=validation, reason=args.reason)
         change = (f" (validation accuracy {record.before['val_accuracy']:.3f} -> {record.after['val_accuracy']:.3f})"
                   if record.before else "")
-        print(f"pruned {concept!r} for {class_name or 'all classes'}{change}")
+        print(f"pruned {for_terminal(repr(concept))} for {for_terminal(class_name or 'all classes')}{change}")
     for target in args.set_weight:
-        where, _, value = target.rpartition("=")
-        concept, _, class_name = where.partition(":")
-        model, _ = model.edit("set_weight", concept, class_name or None, value=float(value), reason=args.reason)
-        print(f"set weight of {concept!r} for {class_name or 'all classes'} to {float(value)}")
+        where, sep, value = target.rpartition("=")
+        if not sep:
+            raise ValueError(f"--set-weight takes CONCEPT[:CLASS]=VALUE, got {target!r}.")
+        concept, class_name = _edit_target(model, where)
+        model, _ = model.edit("set_weight", concept, class_name, value=float(value), reason=args.reason)
+        print(f"set weight of {for_terminal(repr(concept))} for {for_terminal(class_name or 'all classes')} "
+              f"to {float(value)}")
     model.save(out)
-    print(f"saved the edited model to {out}")
+    print(f"saved the edited model to {for_terminal(out)}")
     return 0
+
+
+def _edit_target(model, target: str) -> tuple[str, str | None]:
+    """``CONCEPT[:CLASS]`` of ``cbm edit``: the class follows the last colon, so concept names may hold colons
+    (CUB's ``has_bill_shape::dagger``, alone or as ``has_bill_shape::dagger:Cardinal``); ``CONCEPT:`` means
+    every class (for a concept whose own name ends in ``:<a class>``)."""
+    concept, sep, class_name = target.rpartition(":")
+    if not sep or concept not in model.concept_names:
+        return target, None
+    if not class_name:
+        return concept, None
+    if target in model.concept_names and class_name not in model.class_names:
+        return target, None
+    return concept, class_name  # an unknown class is model.edit's error, naming the classes
 
 
 def describe_model(path: str) -> str:
@@ -352,7 +419,7 @@ def describe_model(path: str) -> str:
     for edit in manifest.get("edits", []):
         lines.append(f"  edit: {edit['action']} {edit['concept']!r} for {', '.join(edit['classes'][:5])}"
                      f"{' ...' if len(edit['classes']) > 5 else ''} {edit['reason']}")
-    return "\n".join(lines)
+    return "\n".join(map(for_terminal, lines))  # each line escaped: names in a bundle are untrusted
 
 
 def _load_encoder(spec: str):
@@ -407,11 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per cache shard, the unit of work shared between torchrun ranks "
                           "(part of the cache key; default 4096)")
     emb.add_argument("--out", help="also write features + labels to this .safetensors file (ids in a .json beside)")
+    emb.add_argument("--force", action="store_true", help="replace --out (and its .json) if they exist")
     emb.set_defaults(run=cmd_embed)
 
     from concepts.bank import DEFAULT_TEMPLATES
     from concepts.cli import add_commands as add_concept_commands
-    add_concept_commands(commands, load_encoder=_load_encoder, load_embeddings=_load_labelled_embeddings)
+    add_concept_commands(commands, load_encoder=_load_encoder, load_embeddings=_load_labelled_embeddings,
+                         printable=for_terminal)
 
     fit = commands.add_parser("fit", help="fit a concept bottleneck model and save it", description=cmd_fit.__doc__,
                               epilog=FIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -419,11 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--backbone", required=True, help="backbone spec, e.g. toy:clip")
     fit.add_argument("--data", required=True, help="training dataset spec, e.g. toy:images@train")
     fit.add_argument("--val", help="validation dataset spec (default: hold out 10%% of the training data)")
-    fit.add_argument("--concepts", required=True,
+    fit.add_argument("--concepts",
                      help="a concept bank folder; a candidates file (class -> concepts JSON such as LaBo's "
                           "class2concepts.json, YAML or a .txt list: labo selects --k per class on its --shots "
                           "training rows, the others use them all); 'labels' for CAVs from the data's concept "
-                          "labels; 'toy' for the toy world's vocabulary as a text bank")
+                          "labels; 'toy' for the toy world's vocabulary as a text bank (required except for cbm "
+                          "and cem, which learn the data's concept labels)")
     fit.add_argument("--templates", nargs="+", default=list(DEFAULT_TEMPLATES), metavar="TEMPLATE",
                      help="prompt templates with {} that candidate concepts are encoded with, averaged "
                           f"(default: {' | '.join(DEFAULT_TEMPLATES)})")
@@ -436,10 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     posthoc.add_argument("--lam", default="rule", help="'rule' (c / (classes x concepts)), 'path' (chosen on "
                                                         "validation) or a number (default: rule)")
     posthoc.add_argument("--c", type=float, default=2.0, help="constant of the lambda rule (default 2)")
-    trained = fit.add_argument_group("labo, sparse, energy, temporal")
+    trained = fit.add_argument_group("labo, sparse, energy, temporal, cbm, cem")
     trained.add_argument("--epochs", type=int, help="most training epochs (each family keeps its best validation "
                                                     "epoch and stops early)")
-    trained.add_argument("--lr", type=float, help="learning rate (labo 0.05, sparse 1e-3, temporal 1e-2)")
+    trained.add_argument("--lr", type=float, help="learning rate (labo 0.05, sparse 1e-3, temporal 1e-2, cbm 1e-2, "
+                                                    "cem 1e-3)")
     trained.add_argument("--shots", default="all", help="labo: N training samples per class drawn with --seed "
                                                         "(1, 2, 4, 8, 16 or all); validation stays full; concepts "
                                                         "from a candidates file are selected on these rows only")
@@ -450,11 +521,27 @@ def build_parser() -> argparse.ArgumentParser:
                               "--epochs")
     trained.add_argument("--loss", choices=["gumbel", "contrastive", "l1"], default="gumbel",
                          help="sparse: the bottleneck layer's loss (default gumbel, the paper's)")
-    trained.add_argument("--hidden", type=int, default=256, help="energy: width of the energy networks")
+    trained.add_argument("--hidden", type=int, default=256, help="energy: width of the energy networks; cbm, cem: "
+                                                                 "of the MLP concept predictor (--predictor mlp)")
     trained.add_argument("--loss-weights", type=float, nargs=3, default=[3.0, 1.0, 1.0],
                          metavar=("CLASS", "CONCEPT", "GLOBAL"), help="energy: weights of the three losses")
     trained.add_argument("--attention", choices=["per_concept", "mixing"], default="per_concept",
                          help="temporal: attention over time per concept (MoTIF) or mixing concepts")
+    supervised = fit.add_argument_group("cbm, cem (concepts from the data's concept labels)")
+    supervised.add_argument("--training", choices=["independent", "sequential", "joint"], default="joint",
+                            help="cbm: Koh et al.'s training (default joint)")
+    supervised.add_argument("--predictor", choices=["linear", "mlp"], default="linear",
+                            help="the concept predictor (cem: the context generators' input layer)")
+    supervised.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the task head")
+    supervised.add_argument("--head-input", choices=["probabilities", "logits"], default="probabilities",
+                            help="cbm: the head reads concept probabilities or logits")
+    supervised.add_argument("--concept-weight", type=float,
+                            help="weight of the concept loss beside the class loss (cbm 10, cem 1)")
+    supervised.add_argument("--balanced", action="store_true",
+                            help="weigh each concept's positive examples by negatives / positives (rare concepts)")
+    supervised.add_argument("--embedding-size", type=int, default=16, help="cem: width of each concept embedding")
+    supervised.add_argument("--p-int", type=float, default=0.25,
+                            help="cem: RandInt, the chance that a training concept is set to its label (0: off)")
     fit.add_argument("--device", default="auto",
                      help="where to embed and train: auto (CUDA when present), cpu, cuda, cuda:1, ...")
     fit.add_argument("--stream", choices=sorted(STREAM_CHOICES), default="auto",
@@ -478,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     ed.add_argument("model", help="model bundle to edit (never modified)")
     ed.add_argument("--prune", action="append", default=[], metavar="CONCEPT[:CLASS]",
-                    help="zero a concept's weight for one class or, without :CLASS, for all (repeatable)")
+                    help="zero a concept's weight for one class or, without :CLASS, for all (repeatable); the class "
+                         "follows the last colon, so names with colons work: 'has_bill_shape::dagger:Cardinal'")
     ed.add_argument("--set-weight", action="append", default=[], metavar="CONCEPT[:CLASS]=VALUE",
                     help="set a concept's weight (repeatable)")
     ed.add_argument("--normalize", action="store_true", help="prune-and-normalise: keep each row's L1 norm")
@@ -496,15 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(TerminalLogFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         return args.run(args)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         if args.verbose:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {for_terminal(message)}", file=sys.stderr)
         return 2
 
 

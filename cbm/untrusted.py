@@ -9,21 +9,21 @@ renderer, here, so every caller escapes the same way.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
-#: C0/C1 controls, zero-width characters, bidi embeddings/overrides/isolates and the byte-order mark.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+# One definition of the control characters, in the package at the bottom of the dependency order (concepts
+# imports nothing from cbm): ``without_controls`` removes them and whole ANSI sequences, for names that are kept.
+from concepts.text import CONTROL_CHARACTERS, without_controls
+
+__all__ = ["CONTROL_CHARACTERS", "FORMULA_STARTS", "TerminalLogFormatter", "for_csv", "for_matplotlib",
+           "for_terminal", "for_utf8", "without_controls"]
 
 #: Spreadsheet applications evaluate a cell that starts with one of these as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def without_controls(text: str) -> str:
-    """``text`` with every control, zero-width and bidi character removed (for names that are kept)."""
-    return CONTROL_CHARACTERS.sub("", text)
 
 
 def for_utf8(text: Any) -> str:
@@ -46,6 +46,14 @@ def for_terminal(text: Any) -> str:
                                   for_utf8(text))
 
 
+class TerminalLogFormatter(logging.Formatter):
+    """Log records for a terminal: each line escaped as by :func:`for_terminal` (log messages quote file
+    names and concept names); line breaks, as in tracebacks, are kept."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(map(for_terminal, super().format(record).split("\n")))
+
+
 def for_csv(value: Any) -> Any:
     """A CSV cell that a spreadsheet shows as text: strings starting with a formula character get a
     leading apostrophe; other values pass unchanged."""
@@ -55,6 +63,6 @@ def for_csv(value: Any) -> Any:
 
 
 def for_matplotlib(text: Any) -> str:
-    """``text`` as matplotlib draws it literally: dollar signs escaped so no mathtext is parsed, and
-    undecodable bytes as in :func:`for_utf8` (a font cannot draw a lone surrogate)."""
-    return for_utf8(text).replace("$", r"\$")
+    """``text`` as matplotlib draws it literally: dollar signs escaped so no mathtext is parsed; control
+    characters and undecodable bytes shown as escapes as in :func:`for_terminal` (no font draws them)."""
+    return for_terminal(text).replace("$", r"\$")

@@ -101,6 +101,47 @@ class NameIndex:
         return position
 
 
+#: Separates an attribute from its value in grouped concept names ("has_bill_shape::dagger", CUB's form).
+GROUP_SEPARATOR = "::"
+
+
+def group_label(attribute: str) -> str:
+    """A readable group name for an attribute: "has_bill_shape" -> "bill shape"."""
+    words = attribute.strip().replace("_", " ").split()
+    return " ".join(words[1:] if len(words) > 1 and words[0] == "has" else words)
+
+
+def concept_groups(names: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Groups of mutually exclusive concepts (the values of one categorical attribute), checked against
+    ``names``: ``groups`` as given, or, when None, the attributes of names of the form "attribute::value"
+    (CUB's attribute names; a group of at least two). A ValueError names an unknown concept, a concept in
+    two groups, or a group name that is also a concept name."""
+    known = set(names)
+    if groups is None:
+        derived: dict[str, list[str]] = {}
+        for name in names:
+            attribute, separator, value = name.partition(GROUP_SEPARATOR)
+            if separator and attribute.strip() and value.strip():
+                derived.setdefault(group_label(attribute), []).append(name)
+        return {group: members for group, members in derived.items() if len(members) > 1}
+    result, seen = {}, {}
+    for group, members in groups.items():
+        members = list(members)
+        if not isinstance(group, str) or not group.strip() or group in known:
+            raise ValueError(f"concept group names must be non-blank strings that are not concept names, got {group!r}.")
+        unknown = [m for m in members if m not in known]
+        if unknown or not members:
+            raise ValueError(f"concept group {group!r} lists {unknown[:3] or 'no concepts'}, which are not concepts "
+                             "of the model; give groups of its concept names.")
+        twice = [m for m in members if m in seen]
+        if twice:
+            raise ValueError(f"concept {twice[0]!r} is in both groups {seen[twice[0]]!r} and {group!r}; a concept "
+                             "belongs to one group.")
+        seen.update(dict.fromkeys(members, group))
+        result[group] = members
+    return result
+
+
 def encode_concepts(encoder: TextEncoder, names: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
     """Unit text vectors [K,D]: each template embedding normalised, averaged, renormalised.

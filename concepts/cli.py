@@ -1,12 +1,16 @@
 """``cbm concepts generate | filter | select | show``: concept banks from the command line.
 
-``add_commands(subparsers, load_encoder=..., load_embeddings=...)`` adds the ``concepts`` command
-to an argparse subparsers object. This package never imports ``cbm``; the caller passes:
+``add_commands(subparsers, load_encoder=..., load_embeddings=..., printable=...)`` adds the ``concepts``
+command to an argparse subparsers object. This package never imports ``cbm``; the caller passes:
 
 - ``load_encoder(spec: str) -> encoder`` with ``encode_texts(list[str]) -> Tensor[K,D]`` and
   (ideally) ``fingerprint``;
 - ``load_embeddings(backbone_spec: str, data_spec: str) -> (features [N,D], labels [N],
-  class_names list[str])``.
+  class_names list[str])``;
+- ``printable(text) -> str``: how a name from a file or an LLM is printed (``cbm`` passes
+  ``cbm.untrusted.for_terminal``, which shows control characters as escapes).
+
+Commands that write ``--out`` refuse an existing output unless ``--force`` is given.
 
 Each command sets ``run`` (``args.run(args) -> int``); errors are ``ValueError``,
 ``FileNotFoundError`` or ``RuntimeError`` with a one-sentence message.
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from concepts import filters
-from concepts.bank import BANK_JSON, DEFAULT_TEMPLATES, ConceptBank
+from concepts.bank import BANK_JSON, DEFAULT_TEMPLATES, VECTORS_FILE, ConceptBank
 from concepts.generate import (
     CONCEPTNET_RELATIONS,
     PROMPT_SETS,
@@ -41,6 +45,7 @@ from concepts.select import select_concepts
 
 EncoderLoader = Callable[[str], Any]
 EmbeddingsLoader = Callable[[str, str], tuple[Any, Any, list[str]]]
+Printable = Callable[[Any], str]
 
 EPILOG = """workflow:
   cbm concepts generate llm --classes @classes.txt --base-url http://localhost:11434/v1 --model llama3 --out cand.json
@@ -88,7 +93,16 @@ def _summary(candidates: Candidates) -> str:
     return f"{len(candidates)} distinct concepts over {len(candidates.per_class)} classes"
 
 
+def _refuse_existing(args: argparse.Namespace, *paths: Path) -> None:
+    """FileExistsError before any work when an output exists and ``--force`` was not given."""
+    for path in paths:
+        if path.exists() and not args.force:
+            raise FileExistsError(f"{path} exists and is never replaced silently; choose another --out or pass "
+                                  "--force to replace it.")
+
+
 def _generate(args: argparse.Namespace) -> int:
+    _refuse_existing(args, Path(args.out))
     source = args.source
     if source == "llm":
         client = ChatClient(args.base_url, args.model, api_key_env=args.api_key_env or None,
@@ -117,6 +131,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _filter(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddings: EmbeddingsLoader) -> int:
+    _refuse_existing(args, Path(args.out))
     candidates = Candidates.load(args.input)
     needs_encoder = args.class_similarity is not None or args.dedupe is not None or args.absent is not None
     if needs_encoder and not args.encoder:
@@ -145,6 +160,7 @@ def _filter(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddin
 
 
 def _select(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddings: EmbeddingsLoader) -> int:
+    _refuse_existing(args, Path(args.out) / BANK_JSON, Path(args.out) / VECTORS_FILE)
     candidates = Candidates.load(args.input)
     encoder = load_encoder(args.encoder)
     features, labels, class_names = load_embeddings(args.encoder, args.data)
@@ -156,14 +172,14 @@ def _select(args: argparse.Namespace, load_encoder: EncoderLoader, load_embeddin
     return 0
 
 
-def _show(args: argparse.Namespace) -> int:
+def _show(args: argparse.Namespace, printable: Printable) -> int:
     path = Path(args.path)
     if (path / BANK_JSON).is_file():
         bank = ConceptBank.load(path)
-        print(repr(bank))
+        print(printable(repr(bank)))
         for i, name in enumerate(bank.names[:args.limit]):
             extra = "  ".join(f"{k}={v[i]:.3g}" for k, v in bank.stats.items() if k in ("C", "val_accuracy"))
-            print(f"  {name}" + (f"  {extra}" if extra else ""))
+            print(f"  {printable(name)}" + (f"  {extra}" if extra else ""))
         if len(bank) > args.limit:
             print(f"  ... and {len(bank) - args.limit} more")
         provenance = bank.provenance
@@ -171,15 +187,16 @@ def _show(args: argparse.Namespace) -> int:
         candidates = Candidates.load(path)
         print(_summary(candidates))
         for name, phrases in list(candidates.per_class.items())[:args.limit]:
-            print(f"  {name}: {', '.join(phrases[:8])}" + (" ..." if len(phrases) > 8 else ""))
+            print(f"  {printable(name)}: {', '.join(map(printable, phrases[:8]))}"
+                  + (" ..." if len(phrases) > 8 else ""))
         provenance = candidates.provenance
     if args.provenance:
-        print(json.dumps(provenance, indent=1, ensure_ascii=False))
+        print("\n".join(map(printable, json.dumps(provenance, indent=1, ensure_ascii=False).split("\n"))))
     return 0
 
 
 def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: EncoderLoader,
-                 load_embeddings: EmbeddingsLoader) -> argparse.ArgumentParser:
+                 load_embeddings: EmbeddingsLoader, printable: Printable = str) -> argparse.ArgumentParser:
     """Add ``concepts`` with its ``generate``, ``filter``, ``select`` and ``show`` subcommands."""
     raw = argparse.RawDescriptionHelpFormatter
     parser = subparsers.add_parser("concepts", help="generate, filter, select and inspect concept banks",
@@ -194,6 +211,7 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     def source(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = sources.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--out", required=True, help="candidates JSON file to write")
+        sub.add_argument("--force", action="store_true", help="replace --out if it exists")
         sub.set_defaults(run=_generate)
         return sub
 
@@ -243,6 +261,7 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
                                            "near-duplicates, absent from the data. Each is recorded in provenance.")
     filt.add_argument("input", help="candidates JSON file")
     filt.add_argument("--out", required=True, help="filtered candidates JSON file to write")
+    filt.add_argument("--force", action="store_true", help="replace --out if it exists")
     filt.add_argument("--clean", action="store_true", help="lowercase, strip leading articles, merge plurals")
     filt.add_argument("--max-chars", type=int, help="drop phrases longer than this (Label-free CBM: 30)")
     filt.add_argument("--max-words", type=int, help="drop phrases with more words than this")
@@ -263,6 +282,7 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     sel.add_argument("--encoder", required=True, help="vision-language backbone spec")
     sel.add_argument("--data", required=True, help="training dataset spec (its class names must match)")
     sel.add_argument("--out", required=True, help="bank folder to write")
+    sel.add_argument("--force", action="store_true", help="replace the bank in --out if there is one")
     sel.add_argument("--k", type=int, default=10, help="concepts per class (default 10)")
     sel.add_argument("--method", choices=["submodular", "top", "random"], default="submodular")
     sel.add_argument("--beta", type=float, default=1.0, help="weight of coverage vs discriminability (default 1)")
@@ -277,5 +297,5 @@ def add_commands(subparsers: argparse._SubParsersAction, *, load_encoder: Encode
     show.add_argument("path")
     show.add_argument("--limit", type=int, default=20, help="concepts or classes to list (default 20)")
     show.add_argument("--provenance", action="store_true", help="print the full provenance as JSON")
-    show.set_defaults(run=_show)
+    show.set_defaults(run=lambda args: _show(args, printable))
     return parser

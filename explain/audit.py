@@ -39,8 +39,10 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from cbm.files import atomic_write_text
 from cbm.models.base import ConceptBottleneckModel
 from cbm.models.temporal import VideoSequences
+from cbm.untrusted import for_utf8
 from explain import metrics, plots, video
 from explain.core import DataLike, EvalData, ModelView, VideoView, make_view
 from explain.explanations import Importance, concept_effects, explain_samples, global_importance
@@ -106,7 +108,11 @@ register_family_extra("temporal", _temporal_extra)
 
 
 def jsonable(value: Any) -> Any:
-    """Tensors, arrays, numpy scalars and dataclasses to plain JSON values (NaN/inf become None)."""
+    """Tensors, arrays, numpy scalars and dataclasses to plain JSON values (NaN/inf become None); strings
+    (and keys) that UTF-8 cannot encode, such as ids from undecodable file names, show those bytes as
+    ``\\xff`` escapes (:func:`cbm.untrusted.for_utf8`)."""
+    if isinstance(value, str):
+        return for_utf8(value)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
@@ -116,7 +122,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {for_utf8(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if hasattr(value, "__dataclass_fields__"):
@@ -168,12 +174,12 @@ class Report:
         return self.data.get("gates", {}).get("failures", [])
 
     def write(self, out: str | Path) -> dict[str, Path]:
-        """Write ``report.html`` and ``report.json`` into the folder ``out``."""
+        """Write ``report.json`` and ``report.html`` into the folder ``out``, each atomically (a reader never
+        sees a half-written report)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         self.paths = {"html": out / "report.html", "json": out / "report.json"}
-        self.paths["html"].write_text(self.html, encoding="utf-8")
-        self.paths["json"].write_text(json.dumps(self.data, indent=1, allow_nan=False), encoding="utf-8")
+        atomic_write_text(self.paths["json"], json.dumps(self.data, indent=1, allow_nan=False))
+        atomic_write_text(self.paths["html"], self.html)
         return self.paths
 
 

@@ -8,6 +8,7 @@ compared for stability on every dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -19,7 +20,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from cbm.files import atomic_write_text
 from cbm.models.base import ConceptBottleneckModel
+from cbm.untrusted import for_terminal
 from explain import metrics
 from explain.audit import STYLE, Report, _Page, _text, audit, jsonable
 from explain.video import Spans
@@ -45,7 +48,14 @@ class BatchReport:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+
+
+def report_folder(model_name: str, data_name: str) -> str:
+    """The folder name of one audit in a batch: readable slugs of both names and a short hash of the exact
+    pair, so names that slug alike (``a+b`` and ``a_b``) never share a folder."""
+    exact = json.dumps([model_name, data_name], ensure_ascii=True)
+    return f"{_slug(model_name)}__{_slug(data_name)}-{hashlib.sha256(exact.encode()).hexdigest()[:8]}"
 
 
 def _resolve(source: DataSource | None, model: ConceptBottleneckModel) -> Any:
@@ -56,9 +66,9 @@ def audit_many(models: Mapping[str, ConceptBottleneckModel], datasets: Mapping[s
                train: DataSource | None = None, shift: DataSource | None = None,
                images: Mapping[str, Any] | None = None, events: Mapping[str, Mapping[str, Spans]] | None = None,
                gates: Mapping[str, float] | None = None, progress: bool = True, **options: Any) -> BatchReport:
-    """Audit every model on every dataset into ``out/<model>__<data>/`` plus ``out/index.html`` and
-    ``out/summary.json``; ``images`` and ``events`` (video event spans per video id) are keyed by
-    dataset name; ``options`` go to :func:`explain.audit.audit`."""
+    """Audit every model on every dataset into ``out/<model>__<data>-<hash>/`` (:func:`report_folder`) plus
+    ``out/index.html`` and ``out/summary.json``; ``images`` and ``events`` (video event spans per video id)
+    are keyed by dataset name; ``options`` go to :func:`explain.audit.audit`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports, rows, resolved = [], [], {}
@@ -67,7 +77,7 @@ def audit_many(models: Mapping[str, ConceptBottleneckModel], datasets: Mapping[s
         model = models[model_name]
         data = _resolve(datasets[data_name], model)
         resolved[(model_name, data_name)] = data
-        folder = out / f"{_slug(model_name)}__{_slug(data_name)}"
+        folder = out / report_folder(model_name, data_name)
         report = audit(model, data, name=model_name, data_name=data_name, train=_resolve(train, model),
                        shift=_resolve(shift, model), images=(images or {}).get(data_name),
                        events=(events or {}).get(data_name), gates=gates, out=folder, progress=progress, **options)
@@ -80,8 +90,8 @@ def audit_many(models: Mapping[str, ConceptBottleneckModel], datasets: Mapping[s
     summary = jsonable(summary)
     result = BatchReport(reports, summary)
     result.paths = {"json": out / "summary.json", "html": out / "index.html"}
-    result.paths["json"].write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
-    result.paths["html"].write_text(render_index(summary), encoding="utf-8")
+    atomic_write_text(result.paths["json"], json.dumps(summary, indent=1, allow_nan=False))
+    atomic_write_text(result.paths["html"], render_index(summary))
     for failure in result.failures:
         logger.warning("gate failed: %s", failure)
     return result
@@ -133,6 +143,6 @@ def summary_lines(batch: BatchReport) -> Sequence[str]:
     lines = [f"{'model':<24} {'data':<28} {'accuracy':>8} {'shift':>8} {'top suspect'}"]
     for row in batch.summary["rows"]:
         shift = "" if row["shift_accuracy"] is None else f"{row['shift_accuracy']:.3f}"
-        lines.append(f"{row['model'][:24]:<24} {row['data'][:28]:<28} {row['accuracy']:>8.3f} {shift:>8} "
-                     f"{row['top_suspect'] or ''}")
+        lines.append(f"{for_terminal(row['model'])[:24]:<24} {for_terminal(row['data'])[:28]:<28} "
+                     f"{row['accuracy']:>8.3f} {shift:>8} {for_terminal(row['top_suspect'] or '')}")
     return lines

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cbm.untrusted import for_terminal
+
 logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
@@ -74,16 +76,20 @@ class _Embedder:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit models on datasets: one HTML + JSON report each, an index with a summary table."""
+    from cbm.files import refuse_existing
     from cbm.models import load
     from explain.audit import parse_gates
-    from explain.batch import audit_many, summary_lines
+    from explain.batch import audit_many, report_folder, summary_lines
     from explain.video import dataset_events
 
     gates = parse_gates(args.fail_under)
-    models = {}
+    paths: dict[str, str] = {}
     for path in args.models:
-        name = Path(path).stem if Path(path).stem not in models else str(path)
-        models[name] = load(path)
+        paths[Path(path).stem if Path(path).stem not in paths else str(path)] = path
+    out = Path(args.out)
+    refuse_existing([out / "index.html", out / "summary.json",
+                     *(out / report_folder(name, spec) for name in paths for spec in args.data)], args.force)
+    models = {name: load(path) for name, path in paths.items()}
     embedder = _Embedder(args.cache_dir, args.device)
 
     def source(spec: str | None) -> Any:
@@ -96,9 +102,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
                        gates=gates, seeds=tuple(range(args.seeds)), competences=tuple(args.competence),
                        max_samples=args.max_samples, progress=not args.quiet)
     print("\n".join(summary_lines(batch)))
-    print(f"\nreports: {batch.paths['html'].resolve()} (summary), {batch.paths['json'].resolve()}")
+    print(f"\nreports: {for_terminal(batch.paths['html'].resolve())} (summary), "
+          f"{for_terminal(batch.paths['json'].resolve())}")
     if batch.failures:
-        print("\ngates FAILED:\n  " + "\n  ".join(batch.failures))
+        print("\ngates FAILED:\n  " + "\n  ".join(map(for_terminal, batch.failures)))
         return 1
     if gates:
         print("all gates passed")
@@ -111,9 +118,12 @@ def cmd_tcav(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from cbm.files import atomic_path, atomic_write_text, refuse_existing
     from cbm.models import load
     from explain.tcav import tcav_datasets
 
+    outputs = [Path(args.out) / "tcav.json", Path(args.out) / "tcav.png"] if args.out else []
+    refuse_existing(outputs, args.force)
     model = load(args.model)
     if model.family == "temporal":
         raise ValueError("TCAV takes image models; a temporal model's logits come from whole videos.")
@@ -131,14 +141,14 @@ def cmd_tcav(args: argparse.Namespace) -> int:
     print(f"{'concept':<24} {'class':<20} {'score':>6} {'random':>13} {'CAV acc':>8} {'p (Holm)':>9}  verdict")
     for r in report.results:
         spread = f"{r.random_mean:.2f} ± {float(np.std(r.random_scores)):.2f}"
-        print(f"{r.concept[:24]:<24} {r.target[:20]:<20} {r.mean:>6.2f} {spread:>13} {r.cav_accuracy:>8.2f} "
-              f"{r.p_adjusted:>9.3g}  {'significant' if r.significant else 'not significant'}")
+        print(f"{for_terminal(r.concept)[:24]:<24} {for_terminal(r.target)[:20]:<20} {r.mean:>6.2f} {spread:>13} "
+              f"{r.cav_accuracy:>8.2f} {r.p_adjusted:>9.3g}  {'significant' if r.significant else 'not significant'}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tcav.json").write_text(json.dumps(report.to_dict(), indent=2))
-        report.plot().savefig(out / "tcav.png", dpi=150, bbox_inches="tight")
-        print(f"\nwrote {(out / 'tcav.json').resolve()} and {(out / 'tcav.png').resolve()}")
+        figure = report.plot()
+        atomic_write_text(outputs[0], json.dumps(report.to_dict(), indent=2))
+        with atomic_path(outputs[1]) as tmp:
+            figure.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+        print(f"\nwrote {for_terminal(outputs[0].resolve())} and {for_terminal(outputs[1].resolve())}")
     return 0
 
 
@@ -151,6 +161,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--data", nargs="+", required=True, metavar="DATASET",
                        help="labelled dataset specs to audit on, e.g. toy:images@test")
     audit.add_argument("--out", required=True, help="output folder (index.html, summary.json, one folder per audit)")
+    audit.add_argument("--force", action="store_true", help="replace the reports of an earlier run in --out")
     audit.add_argument("--train", metavar="DATASET", help="training split: probes for completeness and leakage, and "
                                                           "the in-distribution side of the shift test")
     audit.add_argument("--shift", metavar="DATASET", help="a shifted split: its accuracy, and suspect concepts whose "
@@ -196,6 +207,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tcav.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm (default 0.05)")
     tcav.add_argument("--seed", type=int, default=0, help="seed of the example draws and CAVs (default 0)")
     tcav.add_argument("--out", help="folder for tcav.json and tcav.png")
+    tcav.add_argument("--force", action="store_true", help="replace tcav.json and tcav.png if --out holds them")
     tcav.add_argument("--device", default="auto", help="device of the backbone (auto, cpu, cuda)")
     tcav.add_argument("--cache-dir", help="cache root (default: $CBM_CACHE_DIR or ~/.cache/cbm)")
     tcav.add_argument("--quiet", action="store_true", help="no progress bars")

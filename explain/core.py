@@ -289,7 +289,7 @@ def make_view(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSe
     if not isinstance(model, ConceptBottleneckModel):
         raise TypeError(f"{type(model).__name__} is not a concept bottleneck model (it has no concepts to explain); "
                         "explain works on the families of cbm.models (PosthocCBM, LaBoCBM, SparseCBM, EnergyCBM, "
-                        "TemporalCBM).")
+                        "TemporalCBM, ConceptBottleneck, ConceptEmbeddingModel).")
     if isinstance(data, Embeddings):
         data = match_classes(data, model.class_names)
     if isinstance(model, TemporalCBM):

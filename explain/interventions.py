@@ -17,6 +17,11 @@ first, per sample:
   so it is a reference, not an upper bound of what a policy can reach with the same expert;
   an exact best-subset search over 2000 samples and up to 20 corrections is not affordable.
 
+With ``by="group"`` the expert corrects whole concept groups (the values of one attribute, such as CUB's
+bill shape; every concept outside the groups is a group of its own) and the counts are groups: the
+policies rank groups (random order; the group's most uncertain value; the sum of its values' absolute
+contributions; the greedy oracle's best group correction).
+
 Repeated over seeds (expert mistakes and random orders), with 95% intervals across seeds.
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cbm.models.base import ConceptBottleneckModel
+from concepts.bank import concept_groups
 from explain.core import DataLike, EvalData, ModelView, ci95, concept_bounds, concept_view
 from explain.explanations import view_of
 
@@ -62,6 +68,7 @@ class InterventionCurves:
     truth: str
     samples: int
     seeds: list[int] = field(default_factory=list)
+    by: str = "concept"
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (policy, competence, count): mean accuracy and its interval."""
@@ -79,7 +86,7 @@ class InterventionCurves:
 
     def to_dict(self) -> dict[str, Any]:
         policies = dict.fromkeys(policy for policy, _ in self.accuracy)
-        return {"counts": self.counts, "truth": self.truth, "samples": self.samples, "seeds": self.seeds,
+        return {"counts": self.counts, "by": self.by, "truth": self.truth, "samples": self.samples, "seeds": self.seeds,
                 "policies": {policy: POLICY_DESCRIPTIONS[policy] for policy in policies}, "rows": self.rows()}
 
     def to_csv(self, path: str | Path) -> Path:
@@ -128,6 +135,18 @@ def _truth_values(view: ModelView, generator: torch.Generator) -> tuple[torch.Te
     return prototypes[y], prototypes[other], "class mean activations (no concept labels)"
 
 
+def _uncertainty_distance(view: ModelView, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """How far each activation is from the midpoint of "low" and "high", relative to their gap [N, K]."""
+    return (view.concepts - (low + high) / 2).abs() / (high - low).abs().clamp_min(1e-6)
+
+
+def _contribution_sizes(view: ModelView) -> torch.Tensor:
+    """Absolute contribution of each concept to the predicted class [N, K]."""
+    predicted = view.predictions
+    return torch.cat([view.contributions(index)[torch.arange(len(index)), predicted[index]].abs()
+                      for index in torch.arange(len(view.concepts)).split(1024)])
+
+
 def _orders(view: ModelView, policy: str, generator: torch.Generator, low: torch.Tensor,
             high: torch.Tensor) -> torch.Tensor:
     """Per-sample concept order [N, K] (first = corrected first) of a non-oracle policy."""
@@ -135,14 +154,64 @@ def _orders(view: ModelView, policy: str, generator: torch.Generator, low: torch
     if policy == "random":
         return torch.rand(n, k, generator=generator).argsort(dim=1)
     if policy == "uncertain":
-        distance = (view.concepts - (low + high) / 2).abs() / (high - low).abs().clamp_min(1e-6)
-        return distance.argsort(dim=1)
+        return _uncertainty_distance(view, low, high).argsort(dim=1)
     if policy == "contribution":
-        predicted = view.predictions
-        scores = torch.cat([view.contributions(index)[torch.arange(len(index)), predicted[index]].abs()
-                            for index in torch.arange(n).split(1024)])
-        return scores.argsort(dim=1, descending=True)
+        return _contribution_sizes(view).argsort(dim=1, descending=True)
     raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}.")
+
+
+def _group_orders(view: ModelView, policy: str, generator: torch.Generator, low: torch.Tensor, high: torch.Tensor,
+                  units: list[list[int]]) -> torch.Tensor:
+    """Per-sample group order [N, G] of a non-oracle policy (see the module docstring)."""
+    if policy == "random":
+        return torch.rand(len(view.concepts), len(units), generator=generator).argsort(dim=1)
+    if policy == "uncertain":
+        distance = _uncertainty_distance(view, low, high)
+        return torch.stack([distance[:, unit].min(dim=1).values for unit in units], dim=1).argsort(dim=1)
+    if policy == "contribution":
+        sizes = _contribution_sizes(view)
+        return torch.stack([sizes[:, unit].sum(dim=1) for unit in units], dim=1).argsort(dim=1, descending=True)
+    raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}.")
+
+
+def _correction_units(view: ModelView, groups: Mapping[str, Sequence[str]] | None) -> list[list[int]]:
+    """Concept indices of what ``by="group"`` corrects at once: each group (``groups``, else the model's
+    ``concept_groups_``), then every concept outside them alone; a ValueError when there are no groups."""
+    groups = groups if groups is not None else getattr(view.model, "concept_groups_", None)
+    if not groups:
+        raise ValueError(f"by='group' needs concept groups, and {type(view.model).__name__} has none; pass groups= "
+                         "({group: [concept, ...]}) or fit a model with concept_groups=.")
+    groups = concept_groups(view.concept_names, groups)
+    index = {name: i for i, name in enumerate(view.concept_names)}
+    grouped = {name for members in groups.values() for name in members}
+    units = [[index[m] for m in members] for members in groups.values()]
+    return units + [[index[name]] for name in view.concept_names if name not in grouped]
+
+
+def _group_oracle(view: ModelView, given: torch.Tensor, counts: Sequence[int], units: list[list[int]]) -> np.ndarray:
+    """The greedy oracle over whole groups: each step, the group correction that most raises the margin."""
+    y = view.data.labels
+    rows = torch.arange(len(y))
+    current = view.concepts.clone()
+    best = _margin(view.logits, y)
+    free = torch.ones(len(y), len(units), dtype=torch.bool)
+    accuracy = {0: float((best > 0).float().mean())}
+    for step in range(1, max(counts) + 1):
+        margins = torch.empty(len(y), len(units))
+        for u, unit in enumerate(units):
+            trial = current.clone()
+            trial[:, unit] = given[:, unit]
+            margins[:, u] = _margin(view.intervened_logits(rows, trial), y)
+        margins[~free] = -torch.inf
+        pick = margins.argmax(dim=1)
+        for u, unit in enumerate(units):
+            members = torch.zeros(current.shape[1], dtype=torch.bool)
+            members[unit] = True
+            current = torch.where((pick == u)[:, None] & members[None], given, current)
+        free[rows, pick] = False
+        best = torch.maximum(best, margins[rows, pick])
+        accuracy[step] = float((best > 0).float().mean())
+    return np.array([accuracy[c] for c in counts])
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -174,9 +243,11 @@ def _oracle(view: ModelView, given: torch.Tensor, counts: Sequence[int]) -> np.n
 def intervention_curves(model: ConceptBottleneckModel | ModelView, data: DataLike | EvalData | None = None, *,
                         policies: Sequence[str] = POLICIES, competences: Sequence[float] = (1.0,),
                         max_concepts: int | None = None, seeds: Sequence[int] = (0, 1, 2),
-                        max_samples: int | None = 2000, progress: bool = False) -> InterventionCurves:
+                        max_samples: int | None = 2000, progress: bool = False, by: str = "concept",
+                        groups: Mapping[str, Sequence[str]] | None = None) -> InterventionCurves:
     """Accuracy after correcting 0..``max_concepts`` concepts (default: min(K, 20)) per policy and
-    expert competence, over ``seeds``; at most ``max_samples`` samples (seeded subsample)."""
+    expert competence, over ``seeds``; at most ``max_samples`` samples (seeded subsample). ``by="group"``
+    corrects whole concept groups (``groups``, else the model's own) and counts groups."""
     view = concept_view(view_of(model, data), "intervention curves")
     view.labels("intervention curves")
     if not seeds:
@@ -192,8 +263,11 @@ def intervention_curves(model: ConceptBottleneckModel | ModelView, data: DataLik
     for competence in competences:
         if not 0.0 <= competence <= 1.0:
             raise ValueError(f"competence is a probability in [0, 1], got {competence}.")
-    n_concepts = view.concepts.shape[1]
-    counts = list(range(min(n_concepts, max_concepts or 20) + 1))
+    if by not in ("concept", "group"):
+        raise ValueError(f"by must be 'concept' or 'group', got {by!r}.")
+    units = _correction_units(view, groups) if by == "group" else None
+    n_units = view.concepts.shape[1] if units is None else len(units)
+    counts = list(range(min(n_units, max_concepts or 20) + 1))
     low, high = concept_bounds(view)
     y = view.data.labels
     accuracy: dict[tuple[str, float], np.ndarray] = {
@@ -207,12 +281,19 @@ def intervention_curves(model: ConceptBottleneckModel | ModelView, data: DataLik
         given = torch.where(right, true, wrong)
         for policy in policies:
             if policy == "oracle":
-                accuracy[(policy, float(competence))][s] = _oracle(view, given, counts)
+                accuracy[(policy, float(competence))][s] = (_oracle(view, given, counts) if units is None
+                                                            else _group_oracle(view, given, counts, units))
                 continue
-            rank = _orders(view, policy, generator, low, high).argsort(dim=1)  # rank of each concept
+            if units is None:
+                rank = _orders(view, policy, generator, low, high).argsort(dim=1)  # rank of each concept
+            else:  # each concept takes its group's rank
+                unit_of = torch.empty(view.concepts.shape[1], dtype=torch.long)
+                for u, unit in enumerate(units):
+                    unit_of[unit] = u
+                rank = _group_orders(view, policy, generator, low, high, units).argsort(dim=1)[:, unit_of]
             for j, count in enumerate(counts):
                 changed = torch.where(rank < count, given, view.concepts)
                 logits = view.intervened_logits(torch.arange(len(y)), changed)
                 accuracy[(policy, float(competence))][s, j] = float((logits.argmax(dim=1) == y).float().mean())
     logger.info("intervention curves on %d samples, %d seeds, truth: %s", len(y), len(seeds), truth_name)
-    return InterventionCurves(counts, accuracy, truth_name, len(y), [int(s) for s in seeds])
+    return InterventionCurves(counts, accuracy, truth_name, len(y), [int(s) for s in seeds], by)

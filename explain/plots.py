@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cbm.models.temporal import TemporalExplanation
+from cbm.untrusted import for_matplotlib
 from explain.core import ci95
 from explain.interventions import POLICY_LABELS
 
@@ -34,7 +35,9 @@ PEAK, EVENT = "#ff7f0e", "#2ca02c"
 
 
 def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
+    """A name as a figure draws it: at most ``width`` characters, then literal (no mathtext, see
+    :func:`cbm.untrusted.for_matplotlib`): every name a figure shows goes through here."""
+    return for_matplotlib(name if len(name) <= width else name[: width - 1] + "…")
 
 
 def to_svg(fig: Figure) -> str:
@@ -150,7 +153,7 @@ def accuracy_figure(rows: Sequence[tuple[str, float]]) -> Figure:
     fig = Figure(figsize=(5, 0.35 * len(rows) + 0.8))
     ax = fig.add_subplot()
     ax.barh(range(len(rows)), [v for _, v in rows], color=[POSITIVE] + ["#999999"] * (len(rows) - 1))
-    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [for_matplotlib(name) for name, _ in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
@@ -238,7 +241,7 @@ def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Seque
     top.legend(handles=handles, fontsize=6, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
                ncol=2, borderaxespad=0.2)
     if title:
-        top.set_title(title, fontsize=8, loc="left", pad=14 if len(title) > 40 else 4)
+        top.set_title(for_matplotlib(title), fontsize=8, loc="left", pad=14 if len(title) > 40 else 4)
 
     signed = bool((matrix < 0).any())
     limit = max(float(np.abs(matrix).max()), 1e-6)
@@ -258,6 +261,6 @@ def timeline_figure(explanation: TemporalExplanation | Any, concept_names: Seque
     for tick, t in zip(heat.get_xticklabels(), ticks):
         if t == peak:
             tick.set_fontweight("bold")
-    fig.colorbar(image, cax=bar).set_label(value_label, fontsize=7)
+    fig.colorbar(image, cax=bar).set_label(for_matplotlib(value_label), fontsize=7)
     bar.tick_params(labelsize=6)
     return fig

@@ -15,6 +15,7 @@ from test_explain_core import one_thread, spurious_world  # noqa: F401 (an autou
 import explain
 from cbm.models import PosthocCBM
 from explain.audit import format_number, resolve
+from explain.batch import report_folder
 from explain.cli import add_commands
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -105,7 +106,8 @@ def test_batch_index_and_stability(audited, tmp_path):
     assert [r["model"] for r in summary["rows"]] == ["seed0", "seed1"]
     assert summary["stability"][0]["models"] == ["seed0", "seed1"]
     index = (tmp_path / "index.html").read_text()
-    assert "seed0__test/report.html" in index and (tmp_path / "seed1__test" / "report.json").exists()
+    assert f"{report_folder('seed0', 'test')}/report.html" in index
+    assert (tmp_path / report_folder("seed1", "test") / "report.json").exists()
     for value, path, text in _data_elements(index):
         assert text == format_number(resolve(summary, html.unescape(path)))
 
@@ -140,7 +142,7 @@ def test_cbm_audit_command_gates_the_exit_code(tiny_bundle, tmp_path, capsys):
     assert args.run(args) == 1
     out = capsys.readouterr().out
     assert "gates FAILED" in out and "accuracy = " in out and "concept_auc" not in out.split("gates FAILED")[1]
-    report = json.loads((tmp_path / "model__explainsquares_x_test" / "report.json").read_text())
+    report = json.loads((tmp_path / report_folder("model", "explainsquares:x@test") / "report.json").read_text())
     assert report["samples"][0]["thumbnail"].startswith("data:image/png;base64,")
     assert report["summary"]["shift_accuracy"] is not None
     assert (tmp_path / "index.html").exists() and (tmp_path / "summary.json").exists()

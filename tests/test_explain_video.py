@@ -14,6 +14,7 @@ from test_models_temporal import CONCEPTS, _directions, make_videos, synthetic_b
 import explain
 from cbm.embed import Embeddings
 from cbm.models.temporal import TemporalCBM, decisive_windows, localisation_hits
+from explain.batch import report_folder
 from explain.plots import timeline_figure
 
 TOY_CLIP = Path(__file__).resolve().parents[1] / "cbm" / "assets" / "toy_clip"
@@ -164,7 +165,7 @@ def test_cbm_audit_command_on_a_saved_temporal_bundle(tmp_path, capsys):
                  "--cache-dir", str(cache), "--device", "cpu", "--seeds", "1", "--quiet",
                  "--fail-under", "accuracy=0.0"])
     assert code == 0 and "all gates passed" in capsys.readouterr().out
-    report = json.loads((out / "video_model__toy_videos_test" / "report.json").read_text())
+    report = json.loads((out / report_folder("video_model", "toy:videos@test") / "report.json").read_text())
     assert report["samples_audited"] == 200 and report["model"]["family"] == "temporal"
     assert report["localisation"]["videos_with_events"] == 200
     assert report["timelines"][0]["frames"][0].startswith("data:image/png;base64,")

@@ -1,7 +1,7 @@
 """Every number a user sees is the model's own: one invariant matrix over every family and entry point.
 
-Each family is fitted once on the toy world (``toy:clip`` embeddings, the world's 30 text concepts;
-videos for MoTIF) and every shared entry point is checked against the model's own computation:
+Each family is fitted once on the toy world (``toy:clip`` embeddings, the world's 30 text concepts, or their
+labels for the concept-supervised CBM and CEM; videos for MoTIF) and every shared entry point is checked against the model's own computation:
 a null intervention is the prediction, decompositions add up to the logits, the intervention
 curve starts at ``model.score``, a counterfactual's changes flip the model itself, concept effects
 are the model's own intervened logits, the audit reports the model's accuracy, and TCAV gradients
@@ -20,7 +20,8 @@ from sklearn.metrics import roc_auc_score
 import explain
 from cbm.backbones import TOY_SPECS
 from cbm.data.toy import CLASS_NAMES, CONCEPTS, class_concept_matrix
-from cbm.models import EnergyCBM, LaBoCBM, PosthocCBM, SparseCBM, TemporalCBM
+from cbm.models import (ConceptBottleneck, ConceptEmbeddingModel, EnergyCBM, LaBoCBM, PosthocCBM, SparseCBM,
+                        TemporalCBM)
 from cbm.models.baselines import LinearProbe, TimeAveragedCBM
 from cbm.models.sparse import ConceptMatrixSearch
 from cbm.models.temporal import sequences_from_windows
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not all(path.is_dir() for path in TOY_SPECS.valu
                                 reason="the shipped toy models are missing (python -m cbm.toymodels.train)")
 
 SIZES = {"train": 1000, "val": 300, "test": 300}
-IMAGE_FAMILIES = ["pcbm", "pcbm-h", "labo", "sparse", "energy"]
+IMAGE_FAMILIES = ["pcbm", "pcbm-h", "labo", "sparse", "energy", "cbm", "cem"]
 FAMILIES = [*IMAGE_FAMILIES, "temporal"]
 ATOL = 1e-4
 #: ECBM re-infers the other concepts for every intervention, so its checks run on the first test images only.
@@ -48,6 +49,10 @@ def _fit(name: str, bank, train, val):
         return SparseCBM(bank, epochs=30).fit(train, validation=val)
     if name == "energy":
         return EnergyCBM(hidden=64, max_epochs=15, patience=4).fit(train, validation=val)
+    if name == "cbm":  # the world's concept labels, carried by the Embeddings
+        return ConceptBottleneck().fit(train, validation=val)
+    if name == "cem":
+        return ConceptEmbeddingModel().fit(train, validation=val)
     raise KeyError(name)
 
 
@@ -107,7 +112,7 @@ def documented_rest(name: str, model, x) -> torch.Tensor:
         return model.bias_ + model.residual(x)
     if name in ("labo", "sparse"):
         return torch.zeros(len(x), len(model.class_names))
-    if name == "energy":
+    if name in ("energy", "cbm", "cem"):
         return model.contribution_rest(x)
     if name == "temporal":
         e = model.explain(x, return_attention=False)
@@ -296,7 +301,7 @@ def test_concept_auc_of_every_family(world, videos):
     """Concept AUC of ``concepts(x)`` against the world's truth, all families side by side (README table)."""
     table = {name: concept_auc(*family(name, world, videos), name) for name in FAMILIES}
     print("\nconcept AUC on toy:clip:", {name: round(auc, 3) for name, auc in table.items()})
-    for name in ("pcbm", "pcbm-h", "labo", "energy"):
+    for name in ("pcbm", "pcbm-h", "labo", "energy", "cbm", "cem"):
         assert table[name] >= 0.9, (name, table[name])
     assert table["sparse"] >= 0.9, table["sparse"]
     assert table["temporal"] >= 0.75, table["temporal"]

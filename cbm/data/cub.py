@@ -18,6 +18,7 @@ from PIL import Image
 
 from cbm.data.base import ConceptDataset, OnError, digest, files_fingerprint, read_image, require_dir
 from cbm.data.folders import arrays_digest, check_on_error
+from concepts.bank import concept_groups
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,9 @@ class CUB(ConceptDataset):
     ``concept_certainty``, 1-4); ``"cbm112"`` gives the class-level labels of the attributes
     kept by the Koh et al. rule, computed on the ``train`` split only. Ids are the paths
     in ``images.txt``; class names are readable ("Black footed Albatross") and
-    ``class_folders`` keeps the original folder names.
+    ``class_folders`` keeps the original folder names. ``concept_groups`` holds the attribute groups of the
+    chosen attributes ({"bill shape": ["has_bill_shape::dagger", ...], ...}, 28 for all312), which the
+    concept-supervised models derive from the same names.
     """
 
     def __init__(
@@ -268,6 +271,7 @@ class CUB(ConceptDataset):
             self.concept_labels = self.class_attributes[self.labels][:, self.attribute_ids].astype(np.float32)
             self.instance_concept_labels = present[chosen][:, self.attribute_ids].astype(np.float32)
         self.concept_names = [all_names[a] for a in self.attribute_ids]
+        self.concept_groups = concept_groups(self.concept_names)
         self.concept_certainty = certainty[chosen][:, self.attribute_ids].astype(np.int64)
 
     def _find_attribute_names(self) -> Path:

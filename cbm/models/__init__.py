@@ -5,6 +5,7 @@ Importing this package registers every family, so ``load`` can read any bundle.
 
 from cbm.models.base import FAMILIES, ConceptBottleneckModel, EditRecord, load
 from cbm.models.baselines import LinearProbe, TimeAveragedCBM
+from cbm.models.bottleneck import ConceptBottleneck, ConceptEmbeddingModel
 from cbm.models.bundle import BundleError
 from cbm.models.energy import EnergyCBM
 from cbm.models.labo import LaBoCBM, few_shot, few_shot_protocol
@@ -15,7 +16,9 @@ from cbm.models.temporal import TemporalCBM, VideoSequences, sequences_from_wind
 __all__ = [
     "FAMILIES",
     "BundleError",
+    "ConceptBottleneck",
     "ConceptBottleneckModel",
+    "ConceptEmbeddingModel",
     "ConceptMatrixSearch",
     "EditRecord",
     "EnergyCBM",
