@@ -54,8 +54,8 @@ Departures from the reference code, on purpose (see docs/recipes/energy_cub.md):
   ``exp(-E_cy(., y))`` over concepts (what Propositions 3.2-3.5 normalise) unconstrained; this term
   makes the conditional probabilities read off the energy identifiable. Set it to 0 for the
   reference's objective.
-- Adam (lr 1e-3, batches of 256; the reference's batch is 64) on frozen embeddings instead of SGD on a
-  fine-tuned ResNet; the relative convergence test replaces the reference's absolute ``delta=1``.
+- Adam (lr 1e-3) on frozen embeddings instead of SGD on a fine-tuned ResNet; the relative convergence
+  test replaces the reference's absolute ``delta=1``.
 - interventions use the inference weights and continue from the unintervened solution; the reference
   resets the class variables and re-optimises with the global energy alone (weights 0/0/3), so its
   "nothing corrected" point is not its prediction.

@@ -91,7 +91,7 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
 
     def __init__(self, *, hidden: int = 256, loss_weights: Sequence[float] = (3.0, 1.0, 1.0),
                  global_concept_weight: float = 1.0, flip_samples: float = 0.2, flip_concepts: float = 0.2,
-                 dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 4e-5, batch_size: int = 256,
+                 dropout: float = 0.2, lr: float = 1e-3, weight_decay: float = 4e-5, batch_size: int = 64,
                  max_epochs: int = 100, patience: int = 8,
                  inference_weights: Sequence[float] | Literal["auto"] = "auto", inference_lr: float = 0.1,
                  inference_steps: int = 300, tol: float = 1e-4, inference_patience: int = 10,
