@@ -43,7 +43,6 @@ import hmac
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -61,6 +60,7 @@ from tqdm.auto import tqdm
 
 from cbm.backbones import Backbone
 from cbm.data.base import ConceptDataset, ImageReadError, VideoWindowDataset, digest
+from cbm.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -210,19 +210,11 @@ def _shard_checksum(entry: str, start: int, metadata: dict[str, str], tensors: d
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` to write; then fsync it and rename it into place.
-
-    On any failure the temporary file is removed, so a partial file never appears under ``path``;
-    a full disk becomes an ``OSError`` (errno kept) that says which cache and what to do.
-    """
-    tmp = None
+    """``cbm.files.atomic_path`` with an fsync, and a full disk turned into an ``OSError`` (errno kept) that
+    says which cache and what to do."""
     try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        yield tmp
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, fsync=True) as tmp:
+            yield str(tmp)
     except OSError as error:
         if error.errno not in _NO_SPACE:
             raise
@@ -230,9 +222,6 @@ def _atomic_file(path: Path) -> Iterator[str]:
                                    f"({os.strerror(error.errno)}); free space there, point CBM_CACHE_DIR "
                                    "(--cache-dir) at a larger disk, or embed without the cache (cache=False)",
                       str(path)) from error
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

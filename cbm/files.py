@@ -15,15 +15,19 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write (by any library); on success it is renamed to
-    ``path``, on failure removed. The parent folder is created."""
+    ``path`` (after an fsync with ``fsync=True``, for files that must survive a crash), on failure
+    removed. The parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb+") as file:
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -450,6 +450,19 @@ class LinearHeadEdits:
         return float(self.reference_high_[column] if which == "high" else self.reference_low_[column])
 
 
+class ProbabilityReferences:
+    """``concept_reference`` for families whose bottleneck holds probabilities (or is scaled to them):
+    "high"/"present" = 1, "low"/"absent" = 0."""
+
+    def concept_reference(self, name: str, which: str) -> float:
+        self.concept_index(name)
+        if which in ("high", "present"):
+            return 1.0
+        if which in ("low", "absent"):
+            return 0.0
+        raise ValueError(f"reference value must be 'high'/'present' or 'low'/'absent', got {which!r}.")
+
+
 def check_intervention(values: Any) -> None:
     """A TypeError unless ``values`` is a ``{concept name: value}`` mapping or a ``(mask, values)`` pair."""
     if not (isinstance(values, Mapping) or (isinstance(values, tuple) and len(values) == 2)):

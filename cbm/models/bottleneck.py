@@ -69,7 +69,8 @@ from torch.nn import functional as F
 
 from cbm.backbones import resolve_device
 from cbm.embed import Embeddings
-from cbm.models.base import (ConceptBottleneckModel, EditRecord, LinearHeadEdits, Validation, _restore_common,
+from cbm.models.base import (ConceptBottleneckModel, EditRecord, LinearHeadEdits, ProbabilityReferences, Validation,
+                             _restore_common,
                              accuracy, as_labels, as_matrix, check_tensors, finite_output, holdout_split,
                              labels_of,
                              split_validation)
@@ -161,7 +162,7 @@ def _named(names: Any, k: int) -> list[str]:
     return names
 
 
-class SupervisedConcepts(ConceptBottleneckModel):
+class SupervisedConcepts(ProbabilityReferences, ConceptBottleneckModel):
     """What the concept-supervised families share: concept labels in, standardised embeddings, staged Adam
     training with early stopping, 0/1 references, exact contributions, edits and bundles."""
 
@@ -308,15 +309,6 @@ class SupervisedConcepts(ConceptBottleneckModel):
                     self.metrics_["val_accuracy"], self.metrics_["val_concept_accuracy"], self.training_["seconds"])
 
     # ------------------------------------------------------------------ concepts and head
-    def concept_reference(self, name: str, which: str) -> float:
-        """"high"/"present" = 1, "low"/"absent" = 0 (the bottleneck's scale in both head inputs)."""
-        self.concept_index(name)
-        if which in ("high", "present"):
-            return 1.0
-        if which in ("low", "absent"):
-            return 0.0
-        raise ValueError(f"reference value must be 'high'/'present' or 'low'/'absent', got {which!r}.")
-
     def _head_input(self, features: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The head's input [N, K * block] at concepts ``c``."""
         raise NotImplementedError

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from cbm.files import atomic_path
 
 FORMAT_NAME = "cbm-bundle"
 FORMAT_VERSION = (1, 0)
@@ -46,19 +46,12 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def write_bundle(path: str | Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``manifest`` + ``tensors`` atomically to ``path`` (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT_NAME, "format_version": ".".join(map(str, FORMAT_VERSION)), **manifest,
                 "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()}}
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     metadata = {"cbm_manifest": json.dumps(manifest), "cbm_tensor_sha256": tensor_digest(contiguous)}
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(contiguous, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
     return path
 
 

@@ -16,6 +16,7 @@ from cbm.embed import Embeddings
 from cbm.models.base import (
     ConceptBottleneckModel,
     EditRecord,
+    ProbabilityReferences,
     Validation,
     _restore_common,
     accuracy,
@@ -55,7 +56,7 @@ REFERENCE_SETTING: dict[str, Any] = {
     "inference_init": "uniform"}
 
 
-class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
+class EnergyCBM(EnergyConditionals, ProbabilityReferences, ConceptBottleneckModel):
     """Energy-based CBM over frozen embeddings; see the module docstring.
 
     Parameters
@@ -457,15 +458,6 @@ class EnergyCBM(EnergyConditionals, ConceptBottleneckModel):
         """Exact class logits with every concept fixed at ``c`` (the read-out, no optimisation)."""
         rest, concept_part = self._parts(x, c)
         return rest + concept_part
-
-    def concept_reference(self, name: str, which: str) -> float:
-        """"high"/"present" = 1, "low"/"absent" = 0."""
-        self.concept_index(name)
-        if which in ("high", "present"):
-            return 1.0
-        if which in ("low", "absent"):
-            return 0.0
-        raise ValueError(f"reference value must be 'high'/'present' or 'low'/'absent', got {which!r}.")
 
     def _intervention_mask(self, n: int, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         check_intervention(values)
