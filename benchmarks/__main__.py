@@ -23,11 +23,12 @@ from benchmarks.common import BenchResult, format_table
 logger = logging.getLogger("benchmarks")
 
 # Reduced but meaningful: the CAV, LaBo, temporal and audit workloads are the benchmarks' own defaults (the
-# issues' workloads); extraction, the PCBM head and ECBM inference are smaller (each table header says what ran).
+# issues' workloads); extraction, the PCBM head and its scale curve (no 1M rows) and ECBM inference are smaller
+# (each table header says what ran).
 RUNNER_SIZES: dict[str, dict] = {
     "embed": {"n": 96, "batch_size": 32, "repeats": 1, "memory_sizes": (1000, 10000), "memory_shard_size": 256},
     "cavs": {},
-    "pcbm": {"n": 10_000},
+    "pcbm": {"n": 10_000, "scale_sizes": (10_000, 100_000)},
     "labo": {},
     "energy": {"n": 128, "per_sample": 8, "train": 1000, "val": 64, "epochs": 2},
     "temporal": {},

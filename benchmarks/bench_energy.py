@@ -1,5 +1,7 @@
 """ECBM gradient inference: batched (all samples optimised together, converged ones frozen) against
-per-sample inference (one sample at a time, as a naive loop would do), on the same fitted model.
+per-sample inference (one sample at a time, as a naive loop would do), on the same fitted model, and
+``predict``'s throughput in samples/s (the row to compare across commits: the same file runs on older code),
+and the training loop's optimiser steps per second (validation losses included, inference-weight selection not).
 
 The model is fitted briefly on synthetic embeddings with CUB-like sizes by default (112 concepts,
 200 classes, 512-d features); the weights only need to be realistic enough for inference to take
@@ -20,7 +22,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import BenchResult, Row, format_table
+from benchmarks.common import BenchResult, Row, format_table, time_calls
 from cbm.backbones import resolve_device
 from cbm.models.energy import EnergyCBM
 
@@ -47,9 +49,11 @@ def measure(n: int = 2048, per_sample: int = 32, dim: int = 512, concepts: int =
     tx, _, _ = synthetic(n, dim, concepts, classes, seed=2)
     device = str(resolve_device(device))
     started = time.perf_counter()
-    model = EnergyCBM(hidden=hidden, max_epochs=epochs, batch_size=256, device=device,
-                      inference_batch=n).fit(x, y, concept_labels=c, validation=(vx, vy), validation_concepts=vc)
+    model = EnergyCBM(hidden=hidden, max_epochs=epochs, batch_size=256, device=device, inference_batch=n)
+    training_s = time_calls(model, "_train")
+    model.fit(x, y, concept_labels=c, validation=(vx, vy), validation_concepts=vc)
     fit_s = time.perf_counter() - started
+    steps = model.training_["epochs"] * -(-model.training_["samples"] // model.batch_size)
 
     def timed(work):
         started = time.perf_counter()
@@ -59,15 +63,23 @@ def measure(n: int = 2048, per_sample: int = 32, dim: int = 512, concepts: int =
         return result, time.perf_counter() - started
 
     model.infer(tx[:8])  # warm-up
+    cpu_started = time.process_time()
+    _, predict_s = timed(lambda: model.predict(tx))
+    predict_cpu_s = time.process_time() - cpu_started
     batched, batched_s = timed(lambda: model.infer(tx))
     single, single_s = timed(lambda: [model.infer(tx[i:i + 1]) for i in range(per_sample)])
     gap = float((torch.cat([s.concept_probs for s in single]) - batched.concept_probs[:per_sample]).abs().max())
     batched_rate, single_rate = n / batched_s, per_sample / single_s
-    rows = [Row("ECBM inference: batched vs per-sample", batched_rate, single_rate, "samples/s",
-                batched_rate / single_rate, "> 1x (none set)", batched_rate > single_rate)]
+    rows = [Row(f"ECBM predict: {n} samples", n / predict_s, None, "samples/s", None, "", None),
+            Row("ECBM inference: batched vs per-sample", batched_rate, single_rate, "samples/s",
+                batched_rate / single_rate, "> 1x (none set)", batched_rate > single_rate),
+            Row(f"ECBM training: steps/s (batch {model.batch_size})", steps / training_s[0], None, "steps/s", None, "",
+                None)]
     notes = [f"model fitted on {train} samples in {fit_s:.1f} s; batched: mean {batched.steps.float().mean():.0f} "
              f"steps (max {int(batched.steps.max())}); largest concept-probability gap batched vs per-sample on the "
-             f"same samples: {gap:.1e}"]
+             f"same samples: {gap:.1e}",
+             f"predict: {predict_s:.2f} s wall, {predict_cpu_s:.2f} s CPU time of this process "
+             f"({n / predict_cpu_s:.1f} samples per CPU second: the figure to compare runs on a busy machine)"]
     setup = (f"{n} samples batched, {per_sample} one at a time; {concepts} concepts, {classes} classes, D={dim}, "
              f"hidden {hidden}, {device}, {torch.get_num_threads()} threads")
     return BenchResult("energy", setup, rows, notes)

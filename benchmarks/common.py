@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import resource
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 
@@ -49,6 +53,34 @@ def best_of(repeats: int, work: Callable[[], object]) -> float:
         work()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def time_calls(obj: object, method: str) -> list[float]:
+    """Wrap ``obj.method`` so that the wall time of each later call is appended to the returned list."""
+    seconds: list[float] = []
+    original = getattr(obj, method)
+
+    def timed(*args: object, **kwargs: object) -> object:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    setattr(obj, method, timed)
+    return seconds
+
+
+def in_fresh_process(function: Callable, *args: object) -> object:
+    """``function(*args)`` in a new (spawned) Python process, so that its peak memory is its own."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``), in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, kB elsewhere
 
 
 def speedup_row(name: str, ours_s: float, baseline_s: float, goal: float) -> Row:
