@@ -24,7 +24,8 @@ def cmd_app(args: argparse.Namespace) -> int:
            "CBM_APP_DATA": args.data or ""}
     command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20))]
+               "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20)),
+               "--client.toolbarMode", "viewer"]  # no "Deploy" button: the editor is a local tool
     print(f"concept editor on http://{args.host}:{args.port} (Ctrl+C stops it)"
           + ("" if args.model else "; the toy demo model is built on first use and cached"))
     sys.stdout.flush()

@@ -1,57 +1,95 @@
-"""The concept editor (Streamlit): look at why a model predicted what it did, correct concepts,
-and fix the model globally. Launch it with ``cbm app [MODEL] [--data DATASET]``. For a video model
-(``TemporalCBM``) a sample is a whole video, shown as a frame strip and a per-window concept timeline.
+"""The concept editor (Streamlit): look at why a model predicted what it did, correct concepts and watch
+the prediction change, and fix the model globally. Launch it with ``cbm app [MODEL] [--data DATASET]``.
+For a video model (``TemporalCBM``) a sample is a whole video, shown as a frame strip and a per-window
+concept timeline.
 
 The script only lays out widgets and calls the public API (``cbm``, ``explain``) through
-``app.session.EditorSession``; it holds no model logic of its own.
+``app.session``; it holds no model logic of its own. Each browser session has its own
+``EditorSession`` (edits, corrections, trail); the model file and the embedded data are shared,
+read-only. Every change of state happens in a widget callback, before the page is drawn, so every
+number on the page is that of the current state. Names (concepts, classes, samples) come from files
+and LLMs: they are shown as plain text.
 """
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
-import pandas as pd
 import streamlit as st
-import torch
-
-from app.session import UPLOAD_TYPES, EditorSession, intervention_outcome, read_upload
-from cbm.data.base import ImageReadError
-from cbm.models import ConceptBottleneckModel, VideoSequences
-from explain import EvalData, explain_samples
-from explain.plots import contribution_figure, timeline_figure
-
-SLIDERS_SHOWN = 12
-TIMELINE_CONCEPTS = 10
-PAGE_SIZE = 24
 
 st.set_page_config(page_title="Concept editor", layout="wide")
+st.title("Concept editor")
+OPENING = st.empty()
+OPENING.info("Opening the editor: loading the toolkit...")
+
+import io  # noqa: E402  (the message above shows while these load)
+import os  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from app.session import (UPLOAD_TYPES, EditorSession, EditPreview, InterventionOutcome, OpenedData,  # noqa: E402
+                         describe_edit, file_stamp, pruned_classes, read_upload)
+from cbm.data.base import ImageReadError  # noqa: E402
+from cbm.models import VideoSequences  # noqa: E402
+from cbm.untrusted import for_markdown  # noqa: E402
+from explain import EvalData, explain_samples  # noqa: E402
+from explain.plots import contribution_figure, timeline_figure  # noqa: E402
+
+SLIDERS_SHOWN = 12
+SEARCH_SHOWN = 40
+TIMELINE_CONCEPTS = 10
+PAGE_SIZE = 24
+CHART_ROWS = 8
+md = for_markdown
 
 
 @st.cache_resource(show_spinner="Opening the model and embedding its data (cached after the first time)...")
-def open_session(model: str | None, data: str | None) -> EditorSession:
-    return EditorSession.open(model, data)
+def open_data(model: str | None, data: str | None, stamp: tuple[int, int] | None) -> OpenedData:
+    """The model and data every browser session shares; a new ``stamp`` (the file changed on disk) opens afresh."""
+    return OpenedData.open(model, data)
 
 
 def session() -> EditorSession:
+    """This browser session's editor state (created on its first run)."""
     if "session" not in st.session_state:
-        st.session_state.session = open_session(os.environ.get("CBM_APP_MODEL") or None,
-                                                os.environ.get("CBM_APP_DATA") or None)
+        model = os.environ.get("CBM_APP_MODEL") or None
+        data = open_data(model, os.environ.get("CBM_APP_DATA") or None, file_stamp(model) if model else None)
+        st.session_state.session = EditorSession.on(data)
     return st.session_state.session
 
 
-def probability_frame(s: EditorSession, probabilities: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"class": s.model.class_names, "probability": probabilities}).set_index("class")
+def flash(kind: str, text: str) -> None:
+    """A message to show on the next run (set in callbacks, which run before the page is drawn)."""
+    st.session_state.flash = (kind, text)
 
 
+def show_flash() -> None:
+    kind, text = st.session_state.pop("flash", (None, None))
+    if kind:
+        getattr(st, kind)(text)
+
+
+def png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def percent(p: float) -> str:
+    return f"{p:.0%}"
+
+
+# ---------------------------------------------------------------------------------------------- sidebar
 def sidebar(s: EditorSession) -> tuple[str | None, str, tuple[float, float]]:
     model = s.model
     st.sidebar.header("Model")
-    st.sidebar.markdown(f"**{type(model).__name__}** on `{model.backbone_spec_}`  \n"
+    st.sidebar.markdown(f"**{type(model).__name__}** on {md(model.backbone_spec_)}  \n"
                         f"{len(model.class_names)} classes, {len(model.concept_names)} concepts  \n"
                         f"{len(s.sample_ids)} {'videos' if s.is_video else 'samples'}  \n"
-                        f"file: `{s.model_path.name}`  \ndata: `{s.data_spec}`")
+                        f"file: {md(s.model_path.name)}  \ndata: {md(s.data_spec)}")
     st.sidebar.metric("Accuracy on this data", f"{s.validation_accuracy():.3f}")
+    st.sidebar.caption(f"Edits in this session: {len(s.history)}; in the model's history: {len(model.edits_)}")
+    st.sidebar.button("Discard my edits and reload the file", key="discard", on_click=discard, args=(s,),
+                      help="Throws away this session's edits and corrections and opens the file as it is on disk now.")
     st.sidebar.header("Browse")
     class_filter = st.sidebar.selectbox("True class", ["all", *model.class_names], key="class_filter")
     correctness = st.sidebar.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="correctness")
@@ -59,19 +97,26 @@ def sidebar(s: EditorSession) -> tuple[str | None, str, tuple[float, float]]:
     return None if class_filter == "all" else class_filter, correctness, confidence
 
 
+def discard(s: EditorSession) -> None:
+    s.discard()
+    st.session_state.pop("last_edit", None)
+    flash("info", f"Discarded this session's edits: the model is the file on disk again (accuracy "
+                  f"{s.validation_accuracy():.3f}).")
+
+
 def filtered_samples(s: EditorSession, class_filter: str | None, correctness: str,
                      confidence: tuple[float, float]) -> list[int]:
-    probabilities = s.probabilities()
-    predicted = probabilities.argmax(1)
-    labels = s.labels
-    keep = (probabilities.max(1).values >= confidence[0]) & (probabilities.max(1).values <= confidence[1])
+    outputs = s.outputs()
+    top = outputs.probabilities.max(1).values
+    keep = (top >= confidence[0]) & (top <= confidence[1])
     if class_filter is not None:
-        keep &= labels == s.model.class_index(class_filter)
+        keep &= s.labels == s.model.class_index(class_filter)
     if correctness != "all":
-        keep &= (predicted == labels) if correctness == "correct" else (predicted != labels)
+        keep &= outputs.correct if correctness == "correct" else ~outputs.correct
     return torch.nonzero(keep).flatten().tolist()
 
 
+# ---------------------------------------------------------------------------------------------- browsing
 def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
     """An image upload box (a note instead for video models); returns (name, features [1,D], image) of a
     usable upload, else None."""
@@ -84,146 +129,332 @@ def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
     try:
         image = read_upload(upload.name, upload.getvalue())
     except ImageReadError as error:
-        st.error(f"Cannot use this upload: {error}")
+        st.error(f"Cannot use this upload: {md(error)}")
         return None
-    return f"upload:{upload.name}", s.backbone.embed_pil([image]), image
+    name = f"upload:{upload.name}"
+    features = s.memo(("upload", name, upload.size, upload.file_id), lambda: s.backbone.embed_pil([image]))
+    return name, features, image
+
+
+def open_sample(index: int) -> None:
+    st.session_state.sample = index
 
 
 def browse(s: EditorSession, indices: list[int]) -> int | None:
-    """Thumbnails of the filtered samples (videos: their middle window's frame) and a picker; returns the index."""
+    """The count of matching samples, clickable thumbnails marked right or wrong, and the sample picker;
+    returns the chosen index."""
+    kind = "videos" if s.is_video else "samples"
+    st.caption(f"{len(indices)} of {len(s.sample_ids)} {kind} match these filters.")
     if not indices:
-        st.info(f"No {'video' if s.is_video else 'sample'} matches these filters.")
+        st.info(f"No {kind[:-1]} matches these filters.")
         return None
-    page = st.number_input("Page", 1, max(1, -(-len(indices) // PAGE_SIZE)), 1, key="page") - 1
+    pages = max(1, -(-len(indices) // PAGE_SIZE))
+    page = st.number_input("Page", 1, pages, 1, key="page") - 1 if pages > 1 else 0
     shown = indices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+    outputs = s.outputs()
+    names = s.model.class_names
     columns = st.columns(8)
-    predicted = s.probabilities()[shown].argmax(1)
-    for column, index, guess in zip(columns * 3, shown, predicted.tolist()):
-        label = s.model.class_names[guess]
-        column.image(s.thumbnail(index), caption=f"{s.sample_ids[index]}\n-> {label}", width=72)
-    return st.selectbox("Video" if s.is_video else "Sample", shown, format_func=lambda i: s.sample_ids[i],
+    for slot, index in enumerate(shown):
+        guess, truth = int(outputs.predicted[index]), int(s.labels[index])
+        mark = f"✓ {names[guess]}" if guess == truth else f"✗ {names[guess]} (true: {names[truth]})"
+        with columns[slot % 8]:
+            st.image(s.data.thumbnail(index), caption=f"{s.sample_ids[index]}\n{mark}", width=72)
+            st.button("open", key=f"open|{index}", on_click=open_sample, args=(index,))
+    if st.session_state.get("sample") not in indices:
+        st.session_state.sample = shown[0]
+    return st.selectbox("Video" if s.is_video else "Sample", indices, format_func=lambda i: s.sample_ids[i],
                         key="sample")
 
 
-def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoSequences) -> dict[str, float]:
-    """Sliders for the most influential concepts (or those matching the search); returns changed values."""
+# ---------------------------------------------------------------------------------------------- one sample
+def show_prediction(s: EditorSession, probabilities: torch.Tensor, truth: int | None) -> None:
+    names = s.model.class_names
+    predicted = int(probabilities.argmax())
+    st.subheader(md(f"Prediction: {names[predicted]} ({percent(float(probabilities[predicted]))})"))
+    if truth is not None:
+        verdict = "✓ correct" if truth == predicted else "✗ wrong"
+        st.markdown(md(f"True class: {names[truth]}") + f" **{verdict}**")
+
+
+def slider_key(s: EditorSession, name: str, concept: str) -> str:
+    versions = st.session_state.setdefault("slider_versions", {})
+    return f"c|{name}|{concept}|{versions.get((name, concept), 0)}"
+
+
+def renew_sliders(name: str, concepts: list[str]) -> None:
+    """New widget keys for these sliders, so they are drawn afresh at the session's values."""
+    versions = st.session_state.setdefault("slider_versions", {})
+    for concept in concepts:
+        versions[(name, concept)] = versions.get((name, concept), 0) + 1
+
+
+def slider_moved(s: EditorSession, name: str, concept: str, current: float) -> None:
+    s.set_concept(name, concept, st.session_state[slider_key(s, name, concept)], current)
+
+
+def set_to(s: EditorSession, name: str, concept: str, value: float, current: float) -> None:
+    s.set_concept(name, concept, value, current)
+    renew_sliders(name, [concept])
+
+
+def reset_all(s: EditorSession, name: str) -> None:
+    renew_sliders(name, list(s.intervention(name)))
+    s.reset(name)
+
+
+def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoSequences) -> None:
+    """Sliders for the most influential concepts, the corrected ones, or those matching the search. Their
+    values live in the session, so searching, paging or hiding a slider loses nothing."""
     model = s.model
-    current = s.concept_values(features)[0]
-    predicted = int(model.decision_function(features).argmax(1))
-    influence = model.contributions(features)[0, predicted].abs()
+    current = s.memo(("concepts", name), lambda: s.concept_values(features)[0])
+    influence = s.memo(("influence", name), lambda: model.contributions(features)[0].abs().amax(0))
+    values = s.intervention(name)
     query = st.text_input("Search concepts", key="concept_search").strip().lower()
     order = influence.argsort(descending=True).tolist()
-    shown = [k for k in order if query in model.concept_names[k].lower()] if query else order[:SLIDERS_SHOWN]
-    if st.button("Reset all concepts", key="reset"):
-        for key in [key for key in st.session_state if str(key).startswith(f"c|{name}|")]:
-            del st.session_state[key]
-    all_scores = s.concept_values()
-    low, high = all_scores.min(0).values, all_scores.max(0).values
-    changed = {}
+    if query:
+        shown = [k for k in order if query in model.concept_names[k].lower()][:SEARCH_SHOWN]
+    else:
+        corrected = [model.concept_index(c) for c in values]
+        shown = corrected + [k for k in order if k not in corrected][:max(0, SLIDERS_SHOWN - len(corrected))]
+    st.button("Reset all concepts", key="reset", on_click=reset_all, args=(s, name), disabled=not values)
+    if values:
+        st.caption(f"{len(values)} concept(s) corrected: " + md(", ".join(values)))
     for k in shown:
         concept = model.concept_names[k]
-        lo, hi = float(min(low[k], current[k])), float(max(high[k], current[k]))
-        value = st.slider(concept, lo, hi, float(current[k]), (hi - lo) / 100 or 0.01, key=f"c|{name}|{concept}")
-        if abs(value - float(current[k])) > 1e-9:
-            changed[concept] = value
-    return changed
+        now = float(current[k])
+        low, high = s.references(concept)
+        lo, hi = s.concept_range(k)
+        lo, hi = min(lo, now), max(hi, now)
+        value = values.get(concept, now)
+        marks = [f"model's value {now:.3g}"] + ([f"typical when absent {low:.3g}"] if low is not None else []) + (
+            [f"typical when present {high:.3g}"] if high is not None else [])
+        slider, absent, present, reset = st.columns([8, 2, 2, 1], vertical_alignment="bottom")
+        slider.slider(md(concept), lo, hi, min(max(value, lo), hi), (hi - lo) / 100 or 0.01,
+                      key=slider_key(s, name, concept), on_change=slider_moved, args=(s, name, concept, now),
+                      help="; ".join(marks))
+        if low is not None:
+            absent.button("absent", key=f"absent|{name}|{concept}", on_click=set_to, args=(s, name, concept, low, now),
+                          help=f"set to {low:.3g}, the typical value when the concept is absent")
+        if high is not None:
+            present.button("present", key=f"present|{name}|{concept}", on_click=set_to,
+                           args=(s, name, concept, high, now),
+                           help=f"set to {high:.3g}, the typical value when the concept is present")
+        reset.button("↺", key=f"undo|{name}|{concept}", on_click=set_to, args=(s, name, concept, now, now),
+                     disabled=concept not in values, help=f"back to the model's value {now:.3g}")
+        st.caption(md(" · ".join(marks)) + (f" · **set to {value:.3g}**" if concept in values else ""))
 
 
-def show_prediction(s: EditorSession, probabilities: np.ndarray) -> None:
+def two_series(what: str, index: list[str], before, after) -> pd.DataFrame:
+    """A before/after frame for a grouped bar chart of ``what`` (the index: class or concept names)."""
+    return pd.DataFrame({"before": [float(v) for v in before], "after": [float(v) for v in after]},
+                        index=pd.Index(index, name=what))
+
+
+def top_rows(before: torch.Tensor, after: torch.Tensor, k: int = CHART_ROWS) -> list[int]:
+    return (before.abs() + after.abs()).argsort(descending=True)[:k].tolist()
+
+
+def show_outcome(s: EditorSession, name: str, outcome: InterventionOutcome) -> None:
+    """Before/after, side by side with the sliders: the prediction, the drivers, the contributions."""
+    model = s.model
+    names = model.class_names
+    old, new = outcome.predicted_before, outcome.predicted_after
+    st.markdown(md(f"New prediction: {names[new]} ({percent(float(outcome.after[new]))})")
+                .join(["**", "**"]) + md(f" (was {names[old]} {percent(float(outcome.before[old]))})"))
+    rows = top_rows(outcome.before, outcome.after)
+    st.bar_chart(two_series("class", [names[r] for r in rows], outcome.before[rows], outcome.after[rows]), horizontal=True,
+                 stack=False, height=220, x_label="probability")
+    drivers = sorted(outcome.drivers.items(), key=lambda kv: -abs(kv[1]))
+    between = f"{names[new]} over {names[outcome.rival]}"
+    st.caption(md(f"What moved the decision ({between}, logit margin {outcome.margin:+.2f} in all): " +
+                  ", ".join(f"{concept} {effect:+.2f}" for concept, effect in drivers) +
+                  (f"; together beyond each alone {outcome.interaction:+.2f}" if abs(outcome.interaction) >= 0.005
+                   else "")))
+    if outcome.contributions_after is not None:
+        rows = top_rows(outcome.contributions_before, outcome.contributions_after)
+        st.markdown(md(f"Concept contributions to {names[new]}, before and after"))
+        st.bar_chart(two_series("concept", [model.concept_names[r] for r in rows], outcome.contributions_before[rows],
+                                outcome.contributions_after[rows]), horizontal=True, stack=False, height=260,
+                     x_label=f"contribution to the logit of {names[new]}")
+    if hasattr(model, "propagate"):
+        concept_shifts(s, name, outcome)
+    st.button("Record this intervention in the audit trail", key="record", on_click=record, args=(s, name, outcome))
+
+
+def record(s: EditorSession, name: str, outcome: InterventionOutcome) -> None:
+    s.record_intervention(name, outcome, dict(s.intervention(name)))
+    flash("success", "Recorded in the audit trail.")
+
+
+def concept_shifts(s: EditorSession, name: str, outcome: InterventionOutcome, top: int = 10) -> None:
+    """Energy models re-infer the concepts you did not touch: which ones moved, and how far (the same
+    probabilities the contribution chart is computed at)."""
+    model = s.model
+    corrected = {model.concept_index(c) for c in s.intervention(name)}
+    shift = outcome.concepts_after - outcome.concepts_before
+    order = [k for k in shift.abs().argsort(descending=True).tolist() if k not in corrected and abs(float(shift[k])) >= 0.01]
+    st.markdown("**How the other concepts respond**")
+    if not order:
+        st.caption("No other concept moved by 0.01 or more.")
+        return
+    order = order[:top]
+    names = [model.concept_names[k] for k in order]
+    st.bar_chart(two_series("concept", names, outcome.concepts_before[order], outcome.concepts_after[order]), horizontal=True,
+                 stack=False, height=220, x_label="concept probability")
+    st.caption(md("Probability before -> after the correction: " + ", ".join(
+        f"{name} {float(outcome.concepts_before[k]):.2f} -> {float(outcome.concepts_after[k]):.2f}"
+        for name, k in zip(names, order))))
+
+
+def show_unchanged(s: EditorSession, name: str, features: torch.Tensor | VideoSequences,
+                   probabilities: torch.Tensor) -> None:
+    """The right-hand column before any correction: the probabilities and the contributions as they are."""
+    model = s.model
+    names = model.class_names
     predicted = int(probabilities.argmax())
-    st.subheader(f"Prediction: {s.model.class_names[predicted]} ({probabilities[predicted]:.0%})")
-    st.bar_chart(probability_frame(s, probabilities))
+    st.caption("Move a slider (or press absent/present): the new prediction and what moved it appear here.")
+    rows = probabilities.argsort(descending=True)[:CHART_ROWS].tolist()
+    st.bar_chart(pd.DataFrame({"probability": probabilities[rows].numpy()}, index=pd.Index([names[r] for r in rows], name="class")),
+                 horizontal=True, height=220, x_label="probability")
+    if not s.is_video:
+        contributions = s.memo(("contributions", name), lambda: model.contributions(features)[0, predicted])
+        rows = contributions.abs().argsort(descending=True)[:CHART_ROWS].tolist()
+        st.markdown(md(f"Concept contributions to {names[predicted]}"))
+        st.bar_chart(pd.DataFrame({"contribution": contributions[rows].numpy()},
+                                  index=pd.Index([model.concept_names[r] for r in rows], name="concept")),
+                     horizontal=True, height=260, x_label=f"contribution to the logit of {names[predicted]}")
 
 
-def explain_image(s: EditorSession, name: str, features: torch.Tensor, image: object, before: np.ndarray) -> None:
-    """An image, its prediction, its concept contributions and the smallest change that flips it."""
+def explain_image(s: EditorSession, name: str, features: torch.Tensor, predicted: int) -> None:
+    """Why the model predicted what it did (its top contributions), and the smallest change that flips it."""
+    explanation = s.memo(("explanation", name), lambda: explain_samples(
+        s.model, EvalData(features, None, ids=[name]), rows=[0], k=12)[0])
+    st.subheader(md(f"Why {s.model.class_names[predicted]}: concept contributions"))
+    st.image(s.memo(("figure", name), lambda: png(contribution_figure(explanation))))
+    st.markdown("**Smallest change that flips it:** " + md(explanation.counterfactual.describe()))
+
+
+def explain_video(s: EditorSession, index: int, video: VideoSequences, predicted: int) -> None:
+    """A video's per-window concept timeline."""
     model = s.model
-    left, right = st.columns([1, 2])
-    with left:
-        st.image(image, caption=name, width=192)
-        show_prediction(s, before)
-    with right:
-        explanation = explain_samples(model, EvalData(features, None, ids=[name]), rows=[0], k=12)[0]
-        st.subheader(f"Why {model.class_names[int(before.argmax())]}: concept contributions")
-        st.pyplot(contribution_figure(explanation), use_container_width=False)
-        st.markdown(f"**Smallest change that flips it:** {explanation.counterfactual.describe()}")
+    label = model.class_names[predicted]
 
-
-def explain_video(s: EditorSession, index: int, video: VideoSequences, before: np.ndarray) -> None:
-    """A video: its frame strip, its prediction and its per-window concept timeline."""
-    model = s.model
-    spans = s.window_spans(index)
-    predicted = model.class_names[int(before.argmax())]
-    st.image(s.video_frames(index), caption=[f"{start}–{stop}" for start, stop in spans], width=64)
-    st.caption(f"{s.sample_ids[index]}: one frame per window (frames start–stop).")
-    left, right = st.columns([1, 2])
-    with left:
-        show_prediction(s, before)
-    with right:
-        st.subheader(f"Why {predicted}: concepts over time")
+    def figure() -> bytes:
         explanation = model.explain(video, return_attention=False)
-        st.pyplot(timeline_figure(explanation, model.concept_names, row=0, k=TIMELINE_CONCEPTS, windows=spans,
-                                  decisive_window=int(model.decisive_windows(video)[0]),
-                                  value_label=f"contribution to {predicted}"), use_container_width=False)
-        st.caption("Each window's concepts times their weight for the predicted class; above, the weight the "
-                   "model's pooling gives each window (the most important one outlined); dashed: the decisive "
-                   "window, where the evidence for the predicted class rises most as the video unfolds.")
+        return png(timeline_figure(explanation, model.concept_names, row=0, k=TIMELINE_CONCEPTS,
+                                   windows=s.data.window_spans(index), decisive_window=int(model.decisive_windows(video)[0]),
+                                   value_label=f"contribution to {label}"))
+    st.subheader(md(f"Why {label}: concepts over time"))
+    st.image(s.memo(("timeline", index), figure))
+    st.caption("Each window's concepts times their weight for the predicted class; above, the weight the "
+               "model's pooling gives each window (the most important one outlined); dashed: the decisive "
+               "window, where the evidence for the predicted class rises most as the video unfolds.")
 
 
 def explore(s: EditorSession, filters: tuple) -> None:
-    index = None
+    index, truth = None, None
     picked = upload_box(s)
     if picked is None:
         index = browse(s, filtered_samples(s, *filters))
         if index is None:
             return
-        picked = s.sample_ids[index], s.sample(index), None if s.is_video else s.dataset.load(index)
+        truth = int(s.labels[index])
+        picked = s.sample_ids[index], s.sample(index), None
     name, features, image = picked
-    model = s.model
-    before = model.predict_proba(features)[0]
-    predicted = int(before.argmax())
+    probabilities = s.outputs().probabilities[index] if index is not None else s.memo(
+        ("probabilities", name), lambda: torch.as_tensor(s.model.predict_proba(features))[0])
+    predicted = int(probabilities.argmax())
+    st.divider()
     if s.is_video:
-        explain_video(s, index, features, before)
+        st.image(s.memo(("frames", index), lambda: s.data.video_frames(index)),
+                 caption=[f"{start}–{stop}" for start, stop in s.data.window_spans(index)], width=64)
+        st.caption(f"{s.sample_ids[index]}: one frame per window (frames start–stop).")
+        show_prediction(s, probabilities, truth)
     else:
-        explain_image(s, name, features, image, before)
-    st.subheader("Intervene on concepts")
+        left, right = st.columns([1, 3])
+        left.image(image if image is not None else s.data.thumbnail(index), caption=name, width=160)
+        with right:
+            show_prediction(s, probabilities, truth)
+    controls, results = st.columns([1, 1], gap="large")
+    with controls:
+        st.subheader("Intervene on concepts")
+        if s.is_video:
+            st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
+                       "(the model's pooling of the windows' values).")
+        concept_sliders(s, name, features)
+    with results:
+        outcome = s.outcome(name, features)
+        if outcome is None:
+            show_unchanged(s, name, features, probabilities)
+        else:
+            show_outcome(s, name, outcome)
+    st.divider()
     if s.is_video:
-        st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
-                   "(the model's pooling of the windows' values).")
-    changed = concept_sliders(s, name, features)
-    if changed:
-        outcome = intervention_outcome(model, features, changed)
-        after, new = outcome.after.numpy(), outcome.predicted_after
-        st.markdown(f"**New prediction: {model.class_names[new]} ({after[new]:.0%})** "
-                    f"(was {model.class_names[predicted]} {before[predicted]:.0%})")
-        delta = pd.DataFrame({"class": model.class_names, "before": before, "after": after,
-                              "change": after - before}).sort_values("change", key=abs, ascending=False)
-        st.dataframe(delta.head(8), hide_index=True)
-        drivers = sorted(outcome.drivers.items(), key=lambda kv: -abs(kv[1]))
-        st.caption("Change of the new class's logit from each corrected concept alone: "
-                   + ", ".join(f"{concept} {effect:+.2f}" for concept, effect in drivers))
-        if hasattr(model, "propagate"):
-            concept_shifts(model, features, changed)
-        if st.button("Record this intervention in the audit trail", key="record"):
-            s.record_intervention(name, changed, model.class_names[predicted], model.class_names[new])
-            st.success("Recorded.")
+        explain_video(s, index, features, predicted)
+    else:
+        explain_image(s, name, features, predicted)
 
 
-def concept_shifts(model: ConceptBottleneckModel, features: torch.Tensor, changed: dict[str, float], top: int = 10) -> None:
-    """Energy models re-infer the concepts you did not touch: show which ones moved, and how far."""
-    moved = model.propagate(features, changed)
-    shift = moved.concept_shift[0]
-    order = [k for k in shift.abs().argsort(descending=True)[:top].tolist() if abs(float(shift[k])) >= 0.01]
-    st.subheader("How the other concepts shift")
-    if not order:
-        st.caption("No other concept moved by 1 point or more.")
+# ---------------------------------------------------------------------------------------------- editing
+def prune_target() -> list[str] | None:
+    target = st.session_state.get("edit_class", "all classes")
+    return None if target == "all classes" else [target]
+
+
+def preview(s: EditorSession) -> None:
+    st.session_state.preview_request = (st.session_state.edit_concept, st.session_state.get("edit_class", "all classes"))
+
+
+def prune(s: EditorSession) -> None:
+    concept = st.session_state.edit_concept
+    try:
+        applied = s.apply_edit(concept, prune_target(), st.session_state.get("edit_reason", ""))
+    except ValueError as error:
+        flash("warning", md(error))
         return
-    names = [model.concept_names[k] for k in order]
-    st.bar_chart(pd.DataFrame({"concept": names, "change of probability": shift[order].numpy()}).set_index("concept"),
-                 horizontal=True)
-    st.caption("Probability before -> after fixing the concepts above: " + ", ".join(
-        f"{name} {float(moved.concepts_before[0, k]):.2f} -> {float(moved.concepts_after[0, k]):.2f}"
-        for name, k in zip(names, order)))
+    st.session_state.last_edit = applied
+    st.session_state.pop("preview_request", None)
+    flash("success", md(f"Pruned {concept} for {applied.target}") +
+          f": accuracy {applied.before.accuracy:.3f} -> {applied.after.accuracy:.3f} on this data.")
+
+
+def undo(s: EditorSession) -> None:
+    s.undo()
+    st.session_state.pop("last_edit", None)
+    flash("info", f"Undone; accuracy is back to {s.validation_accuracy():.3f}.")
+
+
+def show_preview(s: EditorSession, p: EditPreview, title: str) -> None:
+    """An edit's effect: accuracy before/after, the current sample, the flipped samples, per-class accuracy."""
+    names = s.model.class_names
+    st.markdown(f"**{title}**")
+    if p.after is None:
+        st.info(md(f"{p.concept} is already pruned for {p.target}: nothing to do."))
+        return
+    if p.already:
+        st.caption(md(f"Already pruned for {', '.join(p.already)}: those classes are left as they are."))
+    st.markdown(f"Accuracy on this data: {p.before.accuracy:.3f} -> **{p.after.accuracy:.3f}**")
+    sample = st.session_state.get("sample")
+    if isinstance(sample, int) and sample < len(s.sample_ids):
+        b, a = p.before.probabilities[sample], p.after.probabilities[sample]
+        st.markdown(md(f"This sample ({s.sample_ids[sample]}): {names[int(b.argmax())]} {percent(float(b.max()))} -> "
+                       f"{names[int(a.argmax())]} {percent(float(a.max()))}"))
+    flipped = p.flipped
+    fixed = sum(bool(p.after.correct[i]) for i in flipped)
+    st.markdown(f"{len(flipped)} samples change their prediction: {fixed} become right, "
+                f"{sum(bool(p.before.correct[i]) for i in flipped)} become wrong.")
+    if flipped:
+        st.dataframe(pd.DataFrame({
+            "sample": [s.sample_ids[i] for i in flipped],
+            "true class": [names[int(s.labels[i])] for i in flipped],
+            "before": [names[int(p.before.predicted[i])] for i in flipped],
+            "after": [names[int(p.after.predicted[i])] for i in flipped]}), hide_index=True, height=180)
+    per_class = pd.DataFrame({"class": names, "accuracy before": p.before.class_accuracy(),
+                              "accuracy after": p.after.class_accuracy()})
+    per_class["change"] = per_class["accuracy after"] - per_class["accuracy before"]
+    st.dataframe(per_class.sort_values("change", key=abs, ascending=False), hide_index=True, height=220,
+                 column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                for c in ("accuracy before", "accuracy after", "change")})
 
 
 def edit_globally(s: EditorSession) -> None:
@@ -231,49 +462,59 @@ def edit_globally(s: EditorSession) -> None:
     st.subheader("Prune a concept")
     concept = st.selectbox("Concept", model.concept_names, key="edit_concept")
     target = st.selectbox("For class", ["all classes", *model.class_names], key="edit_class")
-    reason = st.text_input("Why (kept in the model's edit history)", key="edit_reason")
-    if st.button("Prune", key="prune"):
-        record = s.apply_edit(concept, None if target == "all classes" else [target], reason)
-        st.success(f"Pruned {concept!r} for {target}: accuracy {record.before['val_accuracy']:.3f} -> "
-                   f"{record.after['val_accuracy']:.3f} on {s.data_spec}.")
-    if st.button("Undo the last edit", key="undo", disabled=not s.history):
-        s.undo()
-        st.info(f"Undone; accuracy is back to {s.validation_accuracy():.3f}.")
-    st.write(f"Edits in this model's history: {len(model.edits_)}")
-    for edit in s.model.edits_:
-        st.caption(f"{edit.action} {edit.concept!r} for {', '.join(edit.classes[:4])}"
-                   f"{' ...' if len(edit.classes) > 4 else ''} - {edit.reason or 'no reason given'}")
+    st.text_input("Why (kept in the model's edit history)", key="edit_reason")
+    already = set(prune_target() or model.class_names) <= pruned_classes(s.model, concept)
+    if already:
+        st.info(md(f"{concept} is already pruned for {target}: nothing to do."))
+    left, right, undo_column = st.columns(3)
+    left.button("Preview the prune", key="preview", on_click=preview, args=(s,), disabled=already)
+    right.button("Prune", key="prune", on_click=prune, args=(s,), disabled=already, type="primary")
+    undo_column.button("Undo the last edit", key="undo", on_click=undo, args=(s,), disabled=not s.history)
+    if st.session_state.get("preview_request") == (concept, target) and not already:
+        with st.spinner("Computing the edit's effect on every sample..."):
+            show_preview(s, s.preview_edit(concept, prune_target()), "If you prune it")
+    last = st.session_state.get("last_edit")
+    if last is not None and last.edited is model:
+        show_preview(s, last, f"The last edit: {md(last.concept)} pruned for {md(last.target)}")
+    st.markdown(f"Edits in this model's history: {len(model.edits_)}")
+    for edit in model.edits_:
+        st.caption(md(describe_edit(edit)))
     st.subheader("Save")
-    path = st.text_input("Save the edited model as", value=str(s.model_path.with_name(s.model_path.stem + "-edited.cbm")),
-                         key="save_path")
-    overwrite = st.checkbox("Replace the file if it exists", key="overwrite")
-    if st.button("Save", key="save"):
-        try:
-            saved = s.save(path, overwrite=overwrite)
-        except (FileExistsError, OSError, ValueError) as error:
-            st.error(str(error))
-        else:
-            st.success(f"Saved to {saved}.")
+    st.text_input("Save the edited model as", value=str(s.model_path.with_name(s.model_path.stem + "-edited.cbm")),
+                  key="save_path")
+    st.checkbox("Replace the file if it exists", key="overwrite")
+    st.button("Save", key="save", on_click=save, args=(s,))
+
+
+def save(s: EditorSession) -> None:
+    try:
+        saved = s.save(st.session_state.save_path, overwrite=st.session_state.get("overwrite", False))
+    except (FileExistsError, OSError, ValueError) as error:
+        flash("error", md(error))
+    else:
+        flash("success", md(f"Saved to {saved}."))
 
 
 def audit_trail(s: EditorSession) -> None:
     if not s.trail:
         st.info("Nothing recorded yet: interventions you record and every edit appear here.")
         return
-    st.dataframe(pd.DataFrame([{"kind": e.kind, "sample": e.sample, "before": e.prediction_before,
-                                "after": e.prediction_after, "details": str(e.details)} for e in s.trail]),
-                 hide_index=True)
+    st.dataframe(pd.DataFrame(s.trail_rows()), hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                for c in ("accuracy_before", "accuracy_after")})
     st.download_button("Download JSON", s.trail_json(), "audit_trail.json", "application/json", key="dl_json")
     st.download_button("Download CSV", s.trail_csv(), "audit_trail.csv", "text/csv", key="dl_csv")
 
 
 def main() -> None:
-    st.title("Concept editor")
     try:
         s = session()
     except (OSError, ValueError, RuntimeError) as error:
-        st.error(f"Cannot open the model: {error}")
+        OPENING.empty()
+        st.error(f"Cannot open the model: {md(error)}")
         st.stop()
+    OPENING.empty()
+    show_flash()
     filters = sidebar(s)
     explore_tab, edit_tab, trail_tab = st.tabs(["Explore and intervene", "Edit the model", "Audit trail"])
     with explore_tab:

@@ -1,8 +1,12 @@
-"""The editor's session: which model and data are open, the edits made, and the audit trail.
+"""The editor's session: which model and data are open, what the person changed, and the audit trail.
 
 Nothing here computes a prediction or changes a weight by itself: every number comes from the
-public API of ``cbm`` (and ``explain``). The session only keeps what the person did, so it can be
-undone, exported and saved.
+public API of ``cbm`` (and ``explain``). The session keeps what the person did (interventions per
+sample, edits, the audit trail) so it can be shown, undone, exported and saved, and it keeps the
+model's outputs on the data once per model version, so that a rerun recomputes only what changed.
+
+One browser session is one ``EditorSession``. The data, its embeddings and the model as loaded from
+disk are shared between sessions (``OpenedData``, read-only); everything a person changes is theirs.
 """
 
 from __future__ import annotations
@@ -11,36 +15,29 @@ import csv
 import io
 import json
 import os
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from cbm.backbones import Backbone
-from cbm.data.base import (
-    MAX_UPLOAD_BYTES,
-    ConceptDataset,
-    ImageReadError,
-    read_image_bytes,
-)
+from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, read_image_bytes
 from cbm.data.registry import load_dataset
 from cbm.data.toy import VIDEO_CLASS_NAMES
 from cbm.embed import Embeddings, default_cache_dir, embed
-from cbm.models import (
-    ConceptBottleneckModel,
-    TemporalCBM,
-    VideoSequences,
-    load,
-    sequences_from_windows,
-)
+from cbm.models import ConceptBottleneckModel, TemporalCBM, VideoSequences, load, sequences_from_windows
+from cbm.untrusted import for_csv
 
 DEFAULT_DATA = "toy:images@val"
 DEFAULT_VIDEO_DATA = "toy:videos@val"
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "webp")
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+PRUNE_ACTIONS = ("prune", "prune_normalize")
 
 
 def read_upload(name: str, data: bytes) -> Image.Image:
@@ -57,8 +54,8 @@ def default_model_path(cache_dir: str | Path | None = None) -> Path:
     path = Path(cache_dir or default_cache_dir()) / "models" / "toy_pcbm.cbm"
     if not path.exists():
         from cbm.backbones import load_backbone
-        from cbm.toy import toy_embeddings, toy_text_bank
         from cbm.models import PosthocCBM
+        from cbm.toy import toy_embeddings, toy_text_bank
 
         clip = load_backbone("toy:clip")
         splits = toy_embeddings(clip, cache_dir=cache_dir, progress=False)
@@ -78,14 +75,77 @@ def default_data(model: ConceptBottleneckModel) -> str:
     return DEFAULT_VIDEO_DATA
 
 
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """(modification time in ns, size) of a file: a changed file on disk is opened afresh."""
+    stat = Path(path).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+class ModelOutputs:
+    """One model version's outputs on the session's data, each computed on first use and then kept:
+    class probabilities [N, C] and the concept values the sliders start from [N, K]."""
+
+    def __init__(self, model: ConceptBottleneckModel, inputs: Embeddings | VideoSequences, labels: torch.Tensor) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.labels = labels
+        self._probabilities: torch.Tensor | None = None
+        self._concepts: torch.Tensor | None = None
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        if self._probabilities is None:
+            self._probabilities = torch.as_tensor(self.model.predict_proba(self.inputs))
+        return self._probabilities
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.probabilities.argmax(1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predicted == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy on the session's data (the same number as ``model.score``)."""
+        return float(self.correct.float().mean())
+
+    @property
+    def concepts(self) -> torch.Tensor:
+        """The model's concepts of every sample (of a video: its pooled, video-level concepts)."""
+        if self._concepts is None:
+            model = self.model
+            self._concepts = model.pooled_concepts(self.inputs) if isinstance(model, TemporalCBM) else model.concepts(self.inputs)
+        return self._concepts
+
+    def class_accuracy(self) -> np.ndarray:
+        """Accuracy per class [C] (NaN for a class without samples)."""
+        classes = len(self.model.class_names)
+        total = torch.bincount(self.labels, minlength=classes).float()
+        right = torch.bincount(self.labels[self.correct], minlength=classes).float()
+        return (right / total).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------- outcomes
 @dataclass
 class InterventionOutcome:
-    """What one slider change does to a sample: class probabilities before and after, and how much each
-    corrected concept alone moves the new top class's logit."""
+    """What the corrected concepts do to one sample, all from the model itself: class probabilities before and
+    after; the concepts the head reads after (for energy models the others respond); per-concept contributions
+    to the class ``shown`` before and after (None for video models); and how much each corrected concept alone
+    moves the margin between the new class and the old one (``drivers``, in logits; ``margin`` is the whole
+    change, ``interaction`` what the concepts alone do not account for)."""
 
     before: torch.Tensor  # [C]
     after: torch.Tensor  # [C]
+    concepts_before: torch.Tensor  # [K]
+    concepts_after: torch.Tensor  # [K]
     drivers: dict[str, float]
+    margin: float
+    rival: int
+    contributions_before: torch.Tensor | None = None  # [K], to the class shown
+    contributions_after: torch.Tensor | None = None
 
     @property
     def predicted_before(self) -> int:
@@ -95,38 +155,132 @@ class InterventionOutcome:
     def predicted_after(self) -> int:
         return int(self.after.argmax())
 
+    @property
+    def shown(self) -> int:
+        """The class whose contributions and margin are shown: the new prediction."""
+        return self.predicted_after
+
+    @property
+    def interaction(self) -> float:
+        return self.margin - sum(self.drivers.values())
+
 
 def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor | VideoSequences,
                          changed: dict[str, float]) -> InterventionOutcome:
-    """The editor's recomputation after a slider moves: the head only, on the cached embedding [1, D] (or one
-    video's cached window embeddings, where ``model.intervene`` sets each value in every window)."""
+    """The editor's recomputation after a slider moves, on the cached embedding [1, D] (or one video's cached
+    window embeddings, where ``model.intervene`` sets each value in every window).
+
+    The drivers measure the margin that decides between classes: logit(new) - logit(old) when the prediction
+    changed, else logit(predicted) - logit(its closest rival after the change)."""
+    video = isinstance(model, TemporalCBM)
     logits = model.decision_function(features)[0]
-    after = torch.softmax(model.intervene(features, changed), dim=1)[0]
-    new = int(after.argmax())
-    drivers = {concept: float(model.intervene(features, {concept: value})[0, new] - logits[new])
+    after_logits = model.intervene(features, changed)[0]
+    old, new = int(logits.argmax()), int(after_logits.argmax())
+    if new != old:
+        rival = old
+    else:
+        others = after_logits.clone()
+        others[new] = -float("inf")
+        rival = int(others.argmax())
+
+    def margin(row: torch.Tensor) -> float:
+        return float(row[new] - row[rival])
+
+    base = margin(logits)
+    drivers = {concept: margin(model.intervene(features, {concept: value})[0]) - base
                for concept, value in changed.items()}
-    return InterventionOutcome(torch.softmax(logits, dim=0), after, drivers)
+    if video:
+        concepts_before = model.pooled_concepts(features)[0]
+        concepts_after = concepts_before.clone()
+        for concept, value in changed.items():
+            concepts_after[model.concept_index(concept)] = value
+        contributions = (None, None)
+    else:
+        concepts_before = model.concepts(features)
+        concepts_after = model.intervened_concepts(features, changed)
+        contributions = (model.contributions(features, concepts_before)[0, new],
+                         model.contributions(features, concepts_after)[0, new])
+        concepts_before, concepts_after = concepts_before[0], concepts_after[0]
+    return InterventionOutcome(torch.softmax(logits, 0), torch.softmax(after_logits, 0), concepts_before,
+                               concepts_after, drivers, margin(after_logits) - base, rival, *contributions)
+
+
+@dataclass
+class EditPreview:
+    """What an edit would do before it is applied: the edited copy and its record, accuracy on the session's
+    data before and after, per class, and the samples whose prediction it flips."""
+
+    concept: str
+    classes: list[str] | None  # None: all classes
+    already: list[str]  # classes for which the concept is pruned already (left out of the edit)
+    edited: ConceptBottleneckModel | None
+    record: Any
+    before: ModelOutputs
+    after: ModelOutputs | None
+    reason: str = ""
+
+    @property
+    def flipped(self) -> list[int]:
+        """Indices of the samples whose predicted class the edit changes."""
+        if self.after is None:
+            return []
+        return torch.nonzero(self.before.predicted != self.after.predicted).flatten().tolist()
+
+    @property
+    def target(self) -> str:
+        return "all classes" if self.classes is None else ", ".join(self.classes)
+
+
+# ---------------------------------------------------------------------------------------------------- trail
+def _now() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
 @dataclass
 class TrailEntry:
-    """One thing the person did: an intervention or a global edit."""
+    """One thing the person did: an intervention, an edit, an undo, a save or a discard. ``details`` is one
+    readable line; accuracies are on the session's data (edits, undos) and predictions are class names."""
 
     kind: str
-    sample: str
-    details: dict[str, Any]
+    details: str
+    sample: str = ""
     prediction_before: str = ""
     prediction_after: str = ""
-    time: float = field(default_factory=time.time)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    time: str = field(default_factory=_now)
 
 
+TRAIL_FIELDS = ["time", "kind", "sample", "details", "prediction_before", "prediction_after", "accuracy_before",
+                "accuracy_after"]
+
+
+def describe_edit(record: Any) -> str:
+    """One line for an edit record: action, concept, classes (the first four), reason."""
+    classes = list(record.classes)
+    shown = ", ".join(map(repr, classes[:4])) + (f" and {len(classes) - 4} more" if len(classes) > 4 else "")
+    return f"{record.action} {record.concept!r} for {shown}" + (f"; reason: {record.reason}" if record.reason else "")
+
+
+def pruned_classes(model: ConceptBottleneckModel, concept: str) -> set[str]:
+    """The classes for which the model's edit history has ``concept`` pruned (a later edit of the same
+    concept and class, such as a restore or a set weight, undoes that)."""
+    pruned: set[str] = set()
+    for record in getattr(model, "edits_", []):
+        if record.concept != concept:
+            continue
+        if record.action in PRUNE_ACTIONS:
+            pruned.update(record.classes)
+        else:
+            pruned.difference_update(record.classes)
+    return pruned
+
+
+# ---------------------------------------------------------------------------------------------------- the data
 @dataclass
-class EditorSession:
-    """An open model with its data, edit history and audit trail.
-
-    A sample is an image, or for a video model (``TemporalCBM``) a whole video: ``sequences`` then holds the
-    window embeddings regrouped per video, and sample ``i`` is video ``i``.
-    """
+class OpenedData:
+    """What every browser session on the same file and data shares, read-only: the model as loaded from disk,
+    the dataset, its embeddings (or video sequences), the backbone, and that model's outputs."""
 
     model_path: Path
     data_spec: str
@@ -135,12 +289,12 @@ class EditorSession:
     embeddings: Embeddings
     backbone: Backbone
     sequences: VideoSequences | None = None
-    history: list[ConceptBottleneckModel] = field(default_factory=list)
-    trail: list[TrailEntry] = field(default_factory=list)
+    outputs: ModelOutputs | None = None
+    _thumbnails: dict[int, Image.Image] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, model_path: str | Path | None = None, data_spec: str | None = None,
-             cache_dir: str | Path | None = None) -> EditorSession:
+             cache_dir: str | Path | None = None) -> OpenedData:
         """Open a bundle (default: the toy demo model) and embed its data (default: ``default_data``) through
         the cache; a video model's windows are regrouped into videos."""
         path = Path(model_path) if model_path else default_model_path(cache_dir)
@@ -150,12 +304,9 @@ class EditorSession:
         dataset = load_dataset(spec)
         embeddings = embed(backbone, dataset, cache_dir=cache_dir, progress=False, num_workers=0)
         sequences = sequences_from_windows(embeddings) if isinstance(model, TemporalCBM) else None
-        return cls(path, spec, model, dataset, embeddings, backbone, sequences)
-
-    # ------------------------------------------------------------------ the samples
-    @property
-    def is_video(self) -> bool:
-        return self.sequences is not None
+        opened = cls(path, spec, model, dataset, embeddings, backbone, sequences)
+        opened.outputs = ModelOutputs(model, opened.inputs, opened.labels)
+        return opened
 
     @property
     def inputs(self) -> Embeddings | VideoSequences:
@@ -164,22 +315,17 @@ class EditorSession:
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.as_tensor(self.inputs.labels)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return list(self.embeddings.ids if self.sequences is None else self.sequences.video_ids)
-
-    def sample(self, i: int) -> torch.Tensor | VideoSequences:
-        """Sample ``i`` as the model reads it: its embedding [1, D], or video ``i``'s window sequence."""
-        return self.embeddings.features[i:i + 1] if self.sequences is None else self.sequences.subset([i])
+        return torch.as_tensor(self.inputs.labels).long()
 
     def thumbnail(self, i: int) -> Image.Image:
         """The image of sample ``i``; for a video the frame of its middle window (see ``video_frames``)."""
-        if self.sequences is None:
-            return self.dataset.load(i)
-        windows = self._windows(i)
-        return self._window_frame(windows[len(windows) // 2])
+        if i not in self._thumbnails:
+            if self.sequences is None:
+                self._thumbnails[i] = self.dataset.load(i)
+            else:
+                windows = self._windows(i)
+                self._thumbnails[i] = self._window_frame(windows[len(windows) // 2])
+        return self._thumbnails[i]
 
     def video_frames(self, i: int) -> list[Image.Image]:
         """Video ``i``'s frame strip: one frame per window in time order, the middle one of the frames the model
@@ -198,37 +344,202 @@ class EditorSession:
         frames = self.dataset.load(row)
         return frames[len(frames) // 2]
 
+
+@dataclass
+class EditorSession:
+    """One person's session on an open model and its data: the model version they see (edits make new
+    versions), the versions before it (undo), their interventions per sample, and their audit trail.
+
+    A sample is an image, or for a video model (``TemporalCBM``) a whole video: sample ``i`` is then video ``i``.
+    """
+
+    data: OpenedData
+    model: ConceptBottleneckModel
+    history: list[ConceptBottleneckModel] = field(default_factory=list)
+    trail: list[TrailEntry] = field(default_factory=list)
+    interventions: dict[str, dict[str, float]] = field(default_factory=dict)
+    _outputs: dict[int, ModelOutputs] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple, Any] = field(default_factory=dict, repr=False)
+    _versions: dict[int, ConceptBottleneckModel] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, model_path: str | Path | None = None, data_spec: str | None = None,
+             cache_dir: str | Path | None = None) -> EditorSession:
+        """A session on a freshly opened model and data (see ``OpenedData.open``)."""
+        return cls.on(OpenedData.open(model_path, data_spec, cache_dir))
+
+    @classmethod
+    def on(cls, data: OpenedData) -> EditorSession:
+        """A new session on shared ``data``, starting from the model as loaded (its outputs shared too)."""
+        shared = {} if data.outputs is None else {id(data.model): data.outputs}
+        return cls(data, data.model, _outputs=shared, _versions={id(data.model): data.model})
+
+    def _version(self, model: ConceptBottleneckModel) -> int:
+        """A key for a model version; every version seen is kept alive, so a key is never reused."""
+        self._versions[id(model)] = model
+        return id(model)
+
+    # ------------------------------------------------------------------ the samples
+    model_path = property(lambda self: self.data.model_path)
+    data_spec = property(lambda self: self.data.data_spec)
+    dataset = property(lambda self: self.data.dataset)
+    embeddings = property(lambda self: self.data.embeddings)
+    backbone = property(lambda self: self.data.backbone)
+    sequences = property(lambda self: self.data.sequences)
+    inputs = property(lambda self: self.data.inputs)
+    labels = property(lambda self: self.data.labels)
+
+    @property
+    def is_video(self) -> bool:
+        return self.sequences is not None
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return list(self.embeddings.ids if self.sequences is None else self.sequences.video_ids)
+
+    def sample(self, i: int) -> torch.Tensor | VideoSequences:
+        """Sample ``i`` as the model reads it: its embedding [1, D], or video ``i``'s window sequence."""
+        return self.embeddings.features[i:i + 1] if self.sequences is None else self.sequences.subset([i])
+
     # ------------------------------------------------------------------ the model's view of the data
+    def outputs(self, model: ConceptBottleneckModel | None = None) -> ModelOutputs:
+        """The outputs of ``model`` (default: the current version) on the data, computed once per version."""
+        model = self.model if model is None else model
+        key = self._version(model)
+        if key not in self._outputs:
+            self._outputs[key] = ModelOutputs(model, self.inputs, self.labels)
+        return self._outputs[key]
+
     def probabilities(self) -> torch.Tensor:
-        return torch.as_tensor(self.model.predict_proba(self.inputs))
+        return self.outputs().probabilities
 
     def validation_accuracy(self) -> float:
-        return float(self.model.score(self.inputs))
+        return self.outputs().accuracy
 
     def concept_values(self, x: torch.Tensor | VideoSequences | None = None) -> torch.Tensor:
         """The concept values the sliders start from, one row per sample [N, K] (all samples when ``x`` is
         None): the model's concepts of an image, or of a video its pooled (video-level) concepts."""
-        x = self.inputs if x is None else x
+        if x is None:
+            return self.outputs().concepts
         return self.model.pooled_concepts(x) if self.is_video else self.model.concepts(x)
 
-    # ------------------------------------------------------------------ what the person does
-    def record_intervention(self, sample: str, values: dict[str, float], before: str, after: str) -> None:
-        self.trail.append(TrailEntry("intervention", sample, {"values": values}, before, after))
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` for the current model version and ``key``, computed once (explanations of a sample)."""
+        full = (self._version(self.model), *key)
+        if full not in self._memo:
+            self._memo[full] = compute()
+        return self._memo[full]
 
-    def apply_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> Any:
-        """Prune ``concept`` for ``classes`` (all when None); returns the edit record."""
-        edited, record = self.model.edit("prune", concept, classes, validation=self.inputs, reason=reason)
+    def concept_range(self, k: int) -> tuple[float, float]:
+        """A slider's range for concept ``k``: the values it takes on the data and its "low"/"high" references."""
+        values = self.outputs().concepts[:, k]
+        references = [v for v in self.references(self.model.concept_names[k]) if v is not None]
+        return min([float(values.min()), *references]), max([float(values.max()), *references])
+
+    def references(self, concept: str) -> tuple[float | None, float | None]:
+        """The typical value of ``concept`` when absent and when present: the "low"/"high" references that
+        ``intervene`` uses (None where the family has none)."""
+        def reference(which: str) -> float | None:
+            try:
+                return float(self.model.concept_reference(concept, which))
+            except ValueError:
+                return None
+        return self.memo(("references", concept), lambda: (reference("low"), reference("high")))
+
+    # ------------------------------------------------------------------ interventions
+    def intervention(self, name: str) -> dict[str, float]:
+        """The concept values this person set on sample ``name`` (empty: none)."""
+        return self.interventions.setdefault(name, {})
+
+    def set_concept(self, name: str, concept: str, value: float, current: float) -> None:
+        """Set ``concept`` of sample ``name`` to ``value``; setting it back to the model's ``current`` value
+        removes the correction."""
+        values = self.intervention(name)
+        if abs(value - current) <= 1e-9:
+            values.pop(concept, None)
+        else:
+            values[concept] = float(value)
+
+    def reset(self, name: str, concept: str | None = None) -> None:
+        """Forget the correction of ``concept`` on sample ``name`` (all of them when None)."""
+        if concept is None:
+            self.interventions.pop(name, None)
+        else:
+            self.intervention(name).pop(concept, None)
+
+    def outcome(self, name: str, features: torch.Tensor | VideoSequences) -> InterventionOutcome | None:
+        """The outcome of the current corrections on sample ``name`` (None without any), computed once."""
+        changed = self.intervention(name)
+        if not changed:
+            return None
+        key = ("outcome", name, tuple(sorted(changed.items())))
+        return self.memo(key, lambda: intervention_outcome(self.model, features, dict(changed)))
+
+    def record_intervention(self, name: str, outcome: InterventionOutcome, values: dict[str, float]) -> TrailEntry:
+        names = self.model.class_names
+        details = ", ".join(f"{concept} = {value:.3g}" for concept, value in values.items())
+        entry = TrailEntry("intervention", f"set {details}", name, names[outcome.predicted_before],
+                           names[outcome.predicted_after])
+        self.trail.append(entry)
+        return entry
+
+    # ------------------------------------------------------------------ editing the model
+    def preview_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> EditPreview:
+        """What pruning ``concept`` for ``classes`` (all when None) would do, computed once per version; classes
+        for which it is pruned already are left out (``already``; no edit when nothing is left)."""
+        def compute() -> EditPreview:
+            targets = list(self.model.class_names) if classes is None else list(classes)
+            already = pruned_classes(self.model, concept)
+            remaining = [c for c in targets if c not in already]
+            before = self.outputs()
+            if not remaining:
+                return EditPreview(concept, classes, sorted(already & set(targets)), None, None, before, None)
+            edited, record = self.model.edit("prune", concept, None if remaining == targets and classes is None
+                                             else remaining)
+            return EditPreview(concept, classes, [c for c in targets if c in already], edited, record, before,
+                               self.outputs(edited))
+        preview = self.memo(("preview", concept, None if classes is None else tuple(classes)), compute)
+        preview.reason = reason
+        return preview
+
+    def apply_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> EditPreview:
+        """Apply the previewed prune (see ``preview_edit``); a ValueError when it is pruned there already."""
+        preview = self.preview_edit(concept, classes, reason)
+        if preview.edited is None:
+            raise ValueError(f"{concept!r} is already pruned for {preview.target}; nothing to do.")
+        preview.record.reason = reason
+        preview.record.before = {"val_accuracy": preview.before.accuracy}
+        preview.record.after = {"val_accuracy": preview.after.accuracy}
         self.history.append(self.model)
-        self.model = edited
-        self.trail.append(TrailEntry("edit", "", asdict(record)))
-        return record
+        self.model = preview.edited
+        self.interventions.clear()
+        self.trail.append(TrailEntry("edit", describe_edit(preview.record), accuracy_before=preview.before.accuracy,
+                                     accuracy_after=preview.after.accuracy))
+        return preview
 
     def undo(self) -> None:
+        """Go back to the version before the last edit."""
         if not self.history:
             raise ValueError("there is no edit to undo.")
+        before = self.outputs().accuracy
+        undone = describe_edit(self.model.edits_[-1]) if self.model.edits_ else "the last edit"
         self.model = self.history.pop()
-        self.trail.append(TrailEntry("undo", "", {}))
+        self.interventions.clear()
+        self.trail.append(TrailEntry("undo", f"undo {undone}", accuracy_before=before,
+                                     accuracy_after=self.outputs().accuracy))
 
+    def discard(self) -> None:
+        """Throw away this session's edits and interventions and reload the model from its file (which another
+        session may have saved since)."""
+        model = load(self.model_path)
+        before = self.outputs().accuracy
+        self.history.clear()
+        self.interventions.clear()
+        self.model = model
+        self.trail.append(TrailEntry("discard", f"discarded this session's edits; reloaded {self.model_path.name}",
+                                     accuracy_before=before, accuracy_after=self.outputs().accuracy))
+
+    # ------------------------------------------------------------------ saving
     @property
     def folder(self) -> Path:
         """The folder of the opened model: a bare file name typed in the editor lands there."""
@@ -237,13 +548,15 @@ class EditorSession:
     def user_path(self, text: str | Path) -> Path:
         """A path typed in the editor: a relative one is taken inside ``folder`` and may not climb out of it
         with ``..`` (a ValueError); an absolute one is the person's explicit choice."""
-        if "\x00" in str(text) or not str(text).strip():
-            raise ValueError("the file name is empty or holds a NUL character; type a file name.")
+        if "\x00" in str(text) or not str(text).strip() or str(text).strip() in (".", ".."):
+            raise ValueError("the file name is empty, '.', '..' or holds a NUL character; type a file name.")
         typed = Path(text).expanduser()
         path = (self.folder / typed).resolve()
         if not typed.is_absolute() and not path.is_relative_to(self.folder):
             raise ValueError(f"{str(text)!r} leads outside the model's folder {self.folder}; give a file name inside "
                              "it, or an absolute path if you mean another folder.")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; type a file name.")
         return path
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -256,18 +569,23 @@ class EditorSession:
         if path.resolve() == self.model_path.resolve() and not overwrite:
             raise FileExistsError("that is the file this model was opened from; save it under a new name.")
         self.model.save(path)
-        self.trail.append(TrailEntry("save", "", {"path": os.fspath(path)}))
+        self.trail.append(TrailEntry("save", f"saved the model with {len(self.model.edits_)} edit(s) to "
+                                     f"{os.fspath(path)}"))
         return path
 
     # ------------------------------------------------------------------ export
+    def trail_rows(self) -> list[dict[str, Any]]:
+        """The trail as rows of ``TRAIL_FIELDS`` (the table, the JSON and the CSV show the same fields)."""
+        return [{name: asdict(entry)[name] for name in TRAIL_FIELDS} for entry in self.trail]
+
     def trail_json(self) -> str:
-        return json.dumps([asdict(entry) for entry in self.trail], indent=2)
+        return json.dumps(self.trail_rows(), indent=2)
 
     def trail_csv(self) -> str:
+        """The trail as CSV; cells that a spreadsheet would run as formulas are neutralised."""
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["time", "kind", "sample", "prediction_before", "prediction_after", "details"])
-        for entry in self.trail:
-            writer.writerow([f"{entry.time:.3f}", entry.kind, entry.sample, entry.prediction_before,
-                             entry.prediction_after, json.dumps(entry.details)])
+        writer.writerow(TRAIL_FIELDS)
+        for row in self.trail_rows():
+            writer.writerow(["" if row[name] is None else for_csv(row[name]) for name in TRAIL_FIELDS])
         return buffer.getvalue()

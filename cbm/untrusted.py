@@ -17,13 +17,15 @@ from typing import Any
 # imports nothing from cbm): ``without_controls`` removes them and whole ANSI sequences, for names that are kept.
 from concepts.text import CONTROL_CHARACTERS, without_controls
 
-__all__ = ["CONTROL_CHARACTERS", "FORMULA_STARTS", "TerminalLogFormatter", "for_csv", "for_matplotlib",
-           "for_terminal", "for_utf8", "without_controls"]
+__all__ = ["CONTROL_CHARACTERS", "FORMULA_STARTS", "TerminalLogFormatter", "for_csv", "for_markdown",
+           "for_matplotlib", "for_terminal", "for_utf8", "without_controls"]
 
 #: Spreadsheet applications evaluate a cell that starts with one of these as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
+#: ASCII punctuation that Markdown (CommonMark, Streamlit's colour/icon directives, math, HTML) may interpret.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&])")
 
 
 def for_utf8(text: Any) -> str:
@@ -66,3 +68,11 @@ def for_matplotlib(text: Any) -> str:
     """``text`` as matplotlib draws it literally: dollar signs escaped so no mathtext is parsed; control
     characters and undecodable bytes shown as escapes as in :func:`for_terminal` (no font draws them)."""
     return for_terminal(text).replace("$", r"\$")
+
+
+def for_markdown(text: Any) -> str:
+    """``text`` as Markdown (Streamlit's markdown, captions, messages and widget labels) shows it literally:
+    every punctuation character Markdown may interpret is backslash-escaped (emphasis, links, headings, lists,
+    HTML, ``$`` math, ``:red[...]`` directives), line breaks become spaces, and control characters and
+    undecodable bytes are shown as escapes as in :func:`for_terminal`."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", for_terminal(str(text).replace("\r\n", " ").replace("\n", " ")))

@@ -1,14 +1,18 @@
 """The concept editor under streamlit.testing: opening, intervening, editing, saving, bad uploads."""
 
+import csv
 import io
+import json
 import os
+import re
+from datetime import datetime
 
 import pytest
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from app.session import EditorSession
+from app.session import EditorSession, TrailEntry
 from cbm.backbones import load_backbone
 from cbm.embed import embed
 from cbm.data.folders import ImageFolder
@@ -56,43 +60,182 @@ def app(setup, monkeypatch):
     return open_editor(setup, monkeypatch)
 
 
+def concept_sliders(app: AppTest) -> list:
+    return [slider for slider in app.slider if slider.key.startswith("c|")]
+
+
 def concept_slider(app: AppTest):
-    return next(slider for slider in app.slider if slider.key.startswith("c|"))
+    return concept_sliders(app)[0]
 
 
-def test_the_model_opens_and_shows_a_prediction(app):
+def concept_of(slider) -> str:
+    """The concept a slider sets (its key is ``c|sample|concept|version``; its label is escaped markdown)."""
+    return slider.key.split("|")[2]
+
+
+def plain(text: str) -> str:
+    """Markdown source as the reader sees it (backslash escapes removed)."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def texts(app: AppTest) -> list[str]:
+    """Every markdown, caption, subheader and message on the page, as the reader sees it."""
+    elements = [*app.markdown, *app.caption, *app.subheader, *app.success, *app.info, *app.warning, *app.error]
+    return [plain(element.value) for element in elements]
+
+
+def shown_sample(app: AppTest) -> tuple[EditorSession, int, str, torch.Tensor]:
+    session: EditorSession = app.session_state["session"]
+    index = app.selectbox(key="sample").value
+    return session, index, session.sample_ids[index], session.embeddings.features[index:index + 1]
+
+
+def test_the_model_opens_and_shows_a_prediction_the_true_class_and_the_counts(app, setup):
+    session, index, _, features = shown_sample(app)
+    model = load(setup["model"])
     assert app.title[0].value == "Concept editor"
-    assert any("Prediction:" in header.value for header in app.subheader)
-    assert app.selectbox(key="sample").value is not None
-    counterfactual = [m.value for m in app.markdown if m.value.startswith("**Smallest change that flips it:**")]
+    predicted = model.class_names[int(model.predict(features)[0])]
+    truth = model.class_names[int(session.labels[index])]
+    shown = texts(app)
+    assert any(t.startswith(f"Prediction: {predicted} (") for t in shown)
+    assert f"True class: {truth} **{'✓ correct' if truth == predicted else '✗ wrong'}**" in shown
+    assert f"{len(session.sample_ids)} of {len(session.sample_ids)} samples match these filters." in shown
+    counterfactual = [t for t in shown if t.startswith("**Smallest change that flips it:**")]
     assert counterfactual and "=>" in counterfactual[0]
+    app.selectbox(key="class_filter").set_value("green").run()
+    matching = int((session.labels == model.class_index("green")).sum())
+    assert f"{matching} of {len(session.sample_ids)} samples match these filters." in texts(app)
+    assert session.labels[app.selectbox(key="sample").value] == model.class_index("green")
+
+
+def test_a_thumbnail_button_opens_its_sample(app):
+    session: EditorSession = app.session_state["session"]
+    last = len(session.sample_ids) - 1  # 24 samples: one page
+    app.button(key=f"open|{last}").click().run()
+    assert not app.exception
+    assert app.selectbox(key="sample").value == last
 
 
 def test_a_slider_changes_the_prediction_exactly_as_intervene_does(app, setup):
-    session: EditorSession = app.session_state["session"]
-    sample = app.selectbox(key="sample").value
-    features = session.embeddings.features[sample:sample + 1]
+    session, _, name, features = shown_sample(app)
     slider = concept_slider(app)
-    concept = slider.label
-    target = slider.max
+    concept, target = concept_of(slider), slider.max
     slider.set_value(target).run()
     assert not app.exception
-    expected = torch.softmax(load(setup["model"]).intervene(features, {concept: target}), dim=1)[0]
-    new_class = session.model.class_names[int(expected.argmax())]
-    shown = [m.value for m in app.markdown if m.value.startswith("**New prediction")]
+    model = load(setup["model"])
+    expected = torch.softmax(model.intervene(features, {concept: target}), dim=1)[0]
+    new_class = model.class_names[int(expected.argmax())]
+    shown = [t for t in texts(app) if t.startswith("**New prediction")]
     assert shown and f"New prediction: {new_class} ({float(expected.max()):.0%})" in shown[0]
+    outcome = session.outcome(name, features)
+    assert torch.allclose(outcome.after, expected, atol=1e-6)
+    # the contribution chart after the change decomposes the new logits
+    logits = model.intervene(features, {concept: target})[0]
+    rest = model.bias_ + model.residual(features)[0]
+    assert float(outcome.contributions_after.sum() + rest[outcome.shown]) == pytest.approx(
+        float(logits[outcome.shown]), abs=1e-4)
 
 
-def test_prune_undo_save_and_reload(app, setup, tmp_path):
+def test_the_drivers_add_up_to_the_margin_that_moved_the_decision(app, setup):
+    """For a linear head each corrected concept's effect on logit(new) - logit(old) is exact and they add up."""
+    session, _, name, features = shown_sample(app)
+    model = load(setup["model"])
+    base = model.decision_function(features)[0]
+    for slider in concept_sliders(app)[:2]:
+        slider.set_value(slider.min if float(base.argmax()) == 0 else slider.max)
+    app.run()
+    changed = session.intervention(name)
+    assert len(changed) == 2
+    outcome = session.outcome(name, features)
+    after = model.intervene(features, changed)[0]
+    new, rival = outcome.predicted_after, outcome.rival
+    assert outcome.margin == pytest.approx(float((after[new] - after[rival]) - (base[new] - base[rival])), abs=1e-4)
+    assert sum(outcome.drivers.values()) == pytest.approx(outcome.margin, abs=1e-4)
+    for concept, effect in outcome.drivers.items():
+        k = model.concept_index(concept)
+        delta = changed[concept] - float(model.concepts(features)[0, k])
+        assert effect == pytest.approx(float(model.weight_[new, k] - model.weight_[rival, k]) * delta, abs=1e-4)
+    caption = next(t for t in texts(app) if t.startswith("What moved the decision"))
+    assert f"{model.class_names[new]} over {model.class_names[rival]}" in caption
+    assert all(f"{concept} {effect:+.2f}" in caption for concept, effect in outcome.drivers.items())
+
+
+def test_reset_all_resets_the_sliders_and_the_next_move_does_not_bring_them_back(app):
+    session, _, name, _ = shown_sample(app)
+    first, second = concept_sliders(app)[:2]
+    start = {concept_of(s): s.value for s in concept_sliders(app)}
+    first.set_value(first.max)
+    second.set_value(second.min)
+    app.run()
+    assert len(session.intervention(name)) == 2
+    app.button(key="reset").click().run()
+    assert not app.exception and not session.intervention(name)
+    assert {concept_of(s): s.value for s in concept_sliders(app)} == pytest.approx(start)
+    assert not [t for t in texts(app) if t.startswith("**New prediction")]
+    third = concept_sliders(app)[2]
+    third.set_value(third.max).run()
+    assert list(session.intervention(name)) == [concept_of(third)]
+    values = {concept_of(s): s.value for s in concept_sliders(app)}
+    assert values[concept_of(first)] == pytest.approx(start[concept_of(first)])
+    assert values[concept_of(second)] == pytest.approx(start[concept_of(second)])
+
+
+def test_searching_concepts_keeps_the_intervention(app):
+    session, _, name, _ = shown_sample(app)
+    slider = concept_slider(app)
+    concept = concept_of(slider)
+    slider.set_value(slider.max).run()
+    before = [t for t in texts(app) if t.startswith("**New prediction")]
+    other = next(c for c in session.model.concept_names if c != concept)
+    app.text_input(key="concept_search").input(other).run()
+    assert session.intervention(name) == {concept: pytest.approx(slider.max)}
+    assert [t for t in texts(app) if t.startswith("**New prediction")] == before
+    app.text_input(key="concept_search").input("").run()
+    values = {concept_of(s): s.value for s in concept_sliders(app)}
+    assert values[concept] == pytest.approx(slider.max)
+
+
+def test_absent_present_and_per_concept_reset_use_the_models_references(app, setup):
+    session, _, name, features = shown_sample(app)
+    model = load(setup["model"])
+    concept = concept_of(concept_slider(app))
+    high = model.concept_reference(concept, "high")
+    app.button(key=f"present|{name}|{concept}").click().run()
+    assert session.intervention(name) == {concept: pytest.approx(high)}
+    slider = next(s for s in concept_sliders(app) if concept_of(s) == concept)
+    assert slider.value == pytest.approx(high, abs=(slider.max - slider.min) / 100)
+    assert "typical when present" in slider.help
+    app.button(key=f"undo|{name}|{concept}").click().run()
+    assert not session.intervention(name)
+
+
+def test_prune_preview_apply_undo_save_and_reload(app, setup, tmp_path):
     session: EditorSession = app.session_state["session"]
     before = session.model.weight_.clone()
-    app.selectbox(key="edit_concept").set_value("reddish")
-    app.button(key="prune").click().run()
+    app.selectbox(key="edit_concept").set_value("reddish").run()
+    app.button(key="preview").click().run()
     assert not app.exception
+    preview = session.preview_edit("reddish", None)
+    assert any(t.startswith(f"Accuracy on this data: {preview.before.accuracy:.3f} -> **{preview.after.accuracy:.3f}")
+               for t in texts(app))
+    assert any(t.startswith(f"{len(preview.flipped)} samples change their prediction") for t in texts(app))
+    assert torch.equal(session.model.weight_, before)  # a preview changes nothing
+    app.button(key="prune").click().run()
     assert session.model.weight_[:, 0].abs().sum() == 0 and len(session.model.edits_) == 1
-    assert any("Pruned 'reddish' for all classes" in s.value for s in app.success)
+    accuracy = load(setup["model"]).edit("prune", "reddish")[0].score(session.embeddings)
+    assert any(t.startswith("Pruned reddish for all classes") and f"-> {accuracy:.3f}" in t for t in texts(app))
+    # no number lags behind the edit: the sidebar and the counts are those of the pruned model in the same run
+    assert app.sidebar.metric[0].value == f"{accuracy:.3f}"
+    assert "Edits in this session: 1; in the model's history: 1" in [plain(c.value) for c in app.sidebar.caption]
+    assert "Edits in this model's history: 1" in texts(app)
+    # pruning it again says so and adds nothing
+    assert any("reddish is already pruned for all classes" in t for t in texts(app))
+    assert app.button(key="prune").disabled
+    with pytest.raises(ValueError, match="already pruned"):
+        session.apply_edit("reddish", None)
     app.button(key="undo").click().run()
     assert torch.equal(session.model.weight_, before)
+    assert app.sidebar.metric[0].value == f"{session.model.score(session.embeddings):.3f}"
     app.button(key="prune").click().run()
     target = tmp_path / "edited.cbm"
     app.text_input(key="save_path").input(str(target))
@@ -102,25 +245,79 @@ def test_prune_undo_save_and_reload(app, setup, tmp_path):
     app.button(key="save").click().run()  # again: never overwrites silently
     assert any("exists" in e.value for e in app.error)
     kinds = [entry.kind for entry in session.trail]
-    assert kinds[:4] == ["edit", "undo", "edit", "save"]
-    assert '"kind": "edit"' in session.trail_json() and session.trail_csv().count("\n") == len(kinds) + 1
+    assert kinds == ["edit", "undo", "edit", "save"]
 
 
-def test_an_energy_model_shows_how_the_other_concepts_shift(setup, monkeypatch):
-    app = open_editor(setup, monkeypatch, "energy_model")
-    session: EditorSession = app.session_state["session"]
-    sample = app.selectbox(key="sample").value
+def test_the_audit_trail_is_readable_and_its_exports_hold_the_same_fields(app):
+    session, _, name, features = shown_sample(app)
     slider = concept_slider(app)
+    slider.set_value(slider.max).run()
+    app.button(key="record").click().run()
+    app.selectbox(key="edit_concept").set_value("bright").run()
+    app.text_input(key="edit_reason").input("=HYPERLINK(\"http://x\")").run()
+    app.button(key="prune").click().run()
+    rows = session.trail_rows()
+    assert [row["kind"] for row in rows] == ["intervention", "edit"]
+    for row in rows:
+        assert datetime.fromisoformat(row["time"]).tzinfo is not None
+    assert rows[0]["sample"] == name and rows[0]["details"] == f"set {concept_of(slider)} = {slider.max:.3g}"
+    edit = rows[1]
+    classes = ", ".join(map(repr, session.model.class_names))
+    assert edit["details"] == f"prune 'bright' for {classes}; reason: =HYPERLINK(\"http://x\")"
+    assert edit["accuracy_after"] == pytest.approx(session.model.score(session.embeddings))
+    assert json.loads(session.trail_json()) == rows
+    exported = list(csv.DictReader(io.StringIO(session.trail_csv())))
+    assert list(exported[0]) == list(rows[0]) and len(exported) == 2
+    session.trail.append(TrailEntry("intervention", "=1+2", sample="@SUM(A1)", prediction_before="-x"))
+    hostile = list(csv.DictReader(io.StringIO(session.trail_csv())))[-1]
+    assert (hostile["details"], hostile["sample"], hostile["prediction_before"]) == ("'=1+2", "'@SUM(A1)", "'-x")
+    table = app.dataframe[-1].value
+    assert list(table.columns) == list(rows[0])
+
+
+def test_browser_sessions_do_not_share_state_and_discard_reloads_the_file(setup, monkeypatch):
+    first = open_editor(setup, monkeypatch)
+    session: EditorSession = first.session_state["session"]
+    slider = concept_slider(first)
+    slider.set_value(slider.max).run()
+    first.selectbox(key="edit_concept").set_value("reddish").run()
+    first.button(key="prune").click().run()
+    second = open_editor(setup, monkeypatch)
+    other: EditorSession = second.session_state["session"]
+    assert other is not session and other.data is session.data  # the data is shared, the state is not
+    assert not other.model.edits_ and not other.trail and not any(other.interventions.values())
+    file_accuracy = load(setup["model"]).score(session.embeddings)
+    assert second.sidebar.metric[0].value == f"{file_accuracy:.3f}"
+    first.button(key="discard").click().run()
+    assert not session.model.edits_ and not session.history
+    assert first.sidebar.metric[0].value == f"{file_accuracy:.3f}"
+    assert [entry.kind for entry in session.trail] == ["edit", "discard"]
+
+
+def test_an_energy_model_shows_how_the_other_concepts_respond(setup, monkeypatch):
+    app = open_editor(setup, monkeypatch, "energy_model")
+    session, _, name, features = shown_sample(app)
+    slider = concept_slider(app)
+    concept = concept_of(slider)
     target = slider.min if slider.value - slider.min > slider.max - slider.value else slider.max
     slider.set_value(target).run()
     assert not app.exception, app.exception
-    assert any(header.value == "How the other concepts shift" for header in app.subheader)
-    moved = load(setup["energy_model"]).propagate(session.embeddings.features[sample:sample + 1], {slider.label: target})
-    k = int(moved.concept_shift[0].abs().argmax())
-    name = moved.concept_names[k]
-    expected = f"{name} {float(moved.concepts_before[0, k]):.2f} -> {float(moved.concepts_after[0, k]):.2f}"
-    captions = [c.value for c in app.caption if c.value.startswith("Probability before -> after")]
+    assert "**How the other concepts respond**" in texts(app)
+    moved = load(setup["energy_model"]).propagate(features, {concept: target})
+    shift = moved.concept_shift[0].clone()
+    shift[moved.concept_names.index(concept)] = 0  # the corrected concept is the slider, not a response
+    k = int(shift.abs().argmax())
+    expected = f"{moved.concept_names[k]} {float(moved.concepts_before[0, k]):.2f} -> {float(moved.concepts_after[0, k]):.2f}"
+    captions = [t for t in texts(app) if t.startswith("Probability before -> after")]
     assert captions and expected in captions[0], (expected, captions)
+    assert f" {concept} " not in captions[0]
+    outcome = session.outcome(name, features)
+    # the slider, the shift chart and the contribution chart agree: one set of concepts after the correction
+    assert float(outcome.concepts_after[session.model.concept_index(concept)]) == pytest.approx(target, abs=1e-5)
+    assert torch.allclose(outcome.concepts_after, moved.concepts_after[0], atol=1e-5)
+    model = session.model
+    assert torch.allclose(outcome.contributions_after, model.contributions(features, moved.concepts_after)[0, outcome.shown],
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -134,7 +331,7 @@ def test_bad_uploads_show_an_error_and_the_app_keeps_working(app, payload, messa
         payload = buffer.getvalue()
     app.file_uploader(key="upload").set_value(("evil.png", payload, "image/png")).run()
     assert not app.exception
-    assert any(message in e.value for e in app.error)
+    assert any(message in plain(e.value) for e in app.error)
     assert app.selectbox(key="sample").value is not None  # still browsing the dataset
 
 
@@ -143,9 +340,8 @@ def test_a_real_upload_is_predicted(app):
     Image.new("RGB", (50, 50), COLOURS[2]).save(buffer, format="PNG")
     app.file_uploader(key="upload").set_value(("blue.png", buffer.getvalue(), "image/png")).run()
     assert not app.exception
-    assert any("Prediction:" in header.value for header in app.subheader)
     session: EditorSession = app.session_state["session"]
     expected = session.model.class_names[int(session.model.predict(session.backbone.embed_pil(
         [Image.new("RGB", (50, 50), COLOURS[2])]))[0])]
-    assert any(header.value.startswith(f"Prediction: {expected}") for header in app.subheader)
+    assert any(t.startswith(f"Prediction: {expected}") for t in texts(app))
     assert [s.key for s in app.slider if s.key.startswith("c|upload:blue.png|")]

@@ -305,3 +305,27 @@ def test_concept_auc_of_every_family(world, videos):
         assert table[name] >= 0.9, (name, table[name])
     assert table["sparse"] >= 0.9, table["sparse"]
     assert table["temporal"] >= 0.75, table["temporal"]
+
+
+@pytest.mark.parametrize("fitted", IMAGE_FAMILIES, indirect=True)
+def test_contributions_after_an_intervention_add_up_to_the_intervened_logits(fitted):
+    """What the editor charts after a slider moves: contributions at ``intervened_concepts`` plus the family's
+    rest are ``intervene`` itself, and a null intervention leaves the decomposition as it was."""
+    name, model, data = fitted
+    x = data.features[:8]
+    concepts = model.concepts(x)
+    names = model.concept_names[:2]
+    values = {names[0]: float(concepts[:, 0].max()) + 0.5, names[1]: float(concepts[:, 1].min())}
+    if name == "energy":  # probabilities
+        values = {names[0]: 1.0, names[1]: 0.0}
+    after = model.intervened_concepts(x, values)
+    assert torch.allclose(after[:, 0], torch.tensor(values[names[0]]), atol=1e-5), name
+    contributions = model.contributions(x, after)
+    rest = model.contribution_rest(x, after) if name == "energy" else documented_rest(name, model, x)
+    logits = model.intervene(x, values)
+    assert torch.allclose(contributions.sum(-1) + rest, logits, atol=1e-3), (
+        name, float((contributions.sum(-1) + rest - logits).abs().max()))
+    assert torch.allclose(model.intervened_concepts(x, {}), concepts, atol=ATOL), name
+    assert torch.allclose(model.contributions(x, concepts), model.contributions(x), atol=ATOL), name
+    with pytest.raises(ValueError, match="rows"):
+        model.contributions(x, concepts[:3])

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tiny_models import capture_app_launch, rewrite_manifest
 
-from app.session import EditorSession, read_upload
+from app.session import EditorSession, OpenedData, read_upload
 from cbm.data.base import ImageReadError
 from cbm.models import BundleError, PosthocCBM, load
 from concepts import ConceptBank
@@ -66,7 +66,7 @@ def session(tmp_path):
     bank = ConceptBank([f"c{i}" for i in range(3)], torch.randn(3, 6), kind="cav")
     model = PosthocCBM(bank, device="cpu").fit(torch.randn(30, 6), torch.arange(30) % 2)
     path = model.save(tmp_path / "models" / "model.cbm")
-    return EditorSession(path, "none", load(path), None, None, None)
+    return EditorSession.on(OpenedData(path, "none", load(path), None, None, None))
 
 
 def test_typed_file_names_stay_inside_the_model_folder(session, tmp_path):

@@ -215,9 +215,20 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
         """Logits from checked features and (possibly intervened) concepts; residual families add to it."""
         return self.predict_from_concepts(c)
 
-    def contributions(self, x: Any) -> torch.Tensor:
-        """Per-concept contributions to every logit [N, C, K]."""
+    def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """Per-concept contributions to every logit [N, C, K], at the model's concepts of ``x`` or at the given
+        ``concepts`` [N, K] (e.g. ``intervened_concepts``: the decomposition after an intervention)."""
         raise NotImplementedError
+
+    def _concepts_or(self, x: Any, concepts: Any) -> torch.Tensor:
+        """The model's concepts of ``x``, or the given ``concepts`` checked as [N, K] for the N rows of ``x``."""
+        if concepts is None:
+            return self.concepts(x)
+        given = as_matrix(concepts, "concepts", len(self.concept_names_))
+        if len(given) != len(self._features(x)):
+            raise ValueError(f"concepts has {len(given)} rows but x has {len(self._features(x))}; give one row of "
+                             "concepts per sample.")
+        return given
 
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The family's JSON-able fitted state and tensors, for bundles."""
@@ -326,6 +337,12 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
             raise ValueError(f"the value for {name!r} must be a number or one number per sample ({n}), "
                              f"got shape {tuple(value.shape)}.")
         return column, value
+
+    def intervened_concepts(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
+        """The concepts [N, K] the head reads after the intervention ``values`` (as for ``intervene``): the given
+        values where set, the model's own elsewhere (families whose other concepts respond re-infer them), so
+        that ``contributions(x, intervened_concepts(x, values))`` decomposes ``intervene(x, values)``."""
+        return self.intervention_values(x, values)[2]
 
     def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
         """Logits after setting concepts: ``{name: value}`` (a number, one per sample, or a reference

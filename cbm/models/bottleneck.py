@@ -332,11 +332,11 @@ class SupervisedConcepts(ProbabilityReferences, ConceptBottleneckModel):
         u = torch.where(pruned, self.net_["baseline"], u)
         return relu_mlp_attributions(self.net_, "head", self.net_["baseline"], u)
 
-    def contributions(self, x: Any) -> torch.Tensor:
-        """Exact per-concept contributions [N, C, K]: ``contributions(x).sum(-1) + contribution_rest(x)`` is
-        ``decision_function(x)``."""
+    def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, K] (at ``concepts`` when given):
+        ``contributions(x).sum(-1) + contribution_rest(x)`` is ``decision_function(x)``."""
         features = self._features(x)
-        u = self._head_input(features, self.concepts(features))
+        u = self._head_input(features, self._concepts_or(features, concepts))
         attributions = self._input_attributions(u)
         return attributions.reshape(*attributions.shape[:2], len(self.concept_names_), -1).sum(-1)
 

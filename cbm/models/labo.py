@@ -151,9 +151,9 @@ class LaBoCBM(LinearHeadEdits, ConceptBottleneckModel):
         scores = as_matrix(c, "concept scores", len(self.concept_names_))
         return self.scale * scores @ self.weight_.T
 
-    def contributions(self, x: Any) -> torch.Tensor:
-        """Exact per-concept contributions [N, C, M]: logit = sum over concepts."""
-        return self.scale * self.concepts(x)[:, None, :] * self.weight_[None]
+    def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, M] (at ``concepts`` when given): logit = sum over concepts."""
+        return self.scale * self._concepts_or(x, concepts)[:, None, :] * self.weight_[None]
 
     def class_concept_weights(self) -> torch.Tensor:
         """The softmaxed association matrix [C, M] (rows sum to 1 unless edited): LaBo's explanation."""

@@ -87,9 +87,10 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
             logits = logits + x @ self.residual_weight_.T + self.residual_bias_
         return logits
 
-    def contributions(self, x: Any) -> torch.Tensor:
-        """Exact per-concept contributions [N, C, K]: logit = sum_k contributions + bias (+ residual)."""
-        return self.concepts(x)[:, None, :] * self.weight_[None]
+    def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, K] (at ``concepts`` when given): logit = sum_k contributions
+        + bias (+ residual)."""
+        return self._concepts_or(x, concepts)[:, None, :] * self.weight_[None]
 
     def residual(self, x: Any) -> torch.Tensor:
         """The PCBM-h residual's part of each logit [N, C] (zeros for plain PCBM)."""

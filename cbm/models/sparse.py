@@ -171,9 +171,9 @@ class SparseCBM(LinearHeadEdits, ConceptBottleneckModel):
         scores = as_matrix(c, "concept activations", len(self.concept_names_))
         return scores @ self.weight_.T
 
-    def contributions(self, x: Any) -> torch.Tensor:
-        """Exact per-concept contributions [N, C, K] (the head has no bias)."""
-        return self.concepts(x)[:, None, :] * self.weight_[None]
+    def contributions(self, x: Any, concepts: Any = None) -> torch.Tensor:
+        """Exact per-concept contributions [N, C, K] (at ``concepts`` when given; the head has no bias)."""
+        return self._concepts_or(x, concepts)[:, None, :] * self.weight_[None]
 
     def sparsity(self, x: Any, k: int = 5) -> dict[str, float]:
         """Share of the activation mass in each sample's top ``k`` concepts (mean over samples)."""

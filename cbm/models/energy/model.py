@@ -486,6 +486,15 @@ class EnergyCBM(EnergyConditionals, ProbabilityReferences, ConceptBottleneckMode
         return Propagation(mask, before.concept_probs, after.concept_probs, before.logits, after.logits,
                            list(self.concept_names_), list(self.class_names_))
 
+    def intervened_concepts(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
+        """The concept probabilities [N, K] after fixing ``values`` and letting the others respond (``propagate``):
+        the concepts ``intervene`` reads its logits from."""
+        features = self._features(x)
+        mask, given = self._intervention_mask(len(features), values)
+        if mask.all():
+            return self.infer(features, mask, given).concept_probs
+        return self.propagate(features, (mask, given)).concepts_after
+
     def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
         """Class logits [N, C] after fixing concepts and letting the rest respond (see ``propagate``): an
         empty intervention gives ``decision_function(x)`` exactly; rows with every concept fixed get the
@@ -506,7 +515,7 @@ class EnergyCBM(EnergyConditionals, ProbabilityReferences, ConceptBottleneckMode
         ``-(l_xy E_xy(x, y) + l_xc sum_k E_xc(x, c_k))`` at the inferred concepts (or ``concepts``), so that
         ``contributions(x).sum(-1) + contribution_rest(x) == decision_function(x)`` (to float rounding)."""
         features = self._features(x).detach()
-        c = self.concepts(features) if concepts is None else as_matrix(concepts, "concepts", len(self.concept_names_))
+        c = self._concepts_or(features, concepts)
         with torch.no_grad():
             return self._parts(features, c)[0] + self.contribution_baseline()
 
@@ -515,7 +524,7 @@ class EnergyCBM(EnergyConditionals, ProbabilityReferences, ConceptBottleneckMode
         the training concept frequencies to ``c`` (the inferred concepts, or ``concepts``):
         ``contributions.sum(-1) + contribution_baseline() == predict_from_concepts(c)`` and
         ``contributions(x).sum(-1) + contribution_rest(x) == decision_function(x)``."""
-        c = self.concepts(x) if concepts is None else as_matrix(concepts, "concepts", len(self.concept_names_))
+        c = self._concepts_or(x, concepts)
         net = self.net_.eval()
         links = self._links()
         with torch.no_grad():
