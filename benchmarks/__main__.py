@@ -28,6 +28,7 @@ logger = logging.getLogger("benchmarks")
 RUNNER_SIZES: dict[str, dict] = {
     "embed": {"n": 96, "batch_size": 32, "repeats": 1, "memory_sizes": (1000, 10000), "memory_shard_size": 256},
     "cavs": {},
+    "probe": {"n": 2000, "dim": 512},
     "pcbm": {"n": 10_000, "scale_sizes": (10_000, 100_000)},
     "labo": {},
     "energy": {"n": 128, "per_sample": 8, "train": 1000, "val": 64, "epochs": 2},

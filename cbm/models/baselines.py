@@ -33,8 +33,8 @@ class LinearProbe:
     C chosen on validation accuracy over a log grid and then refined around the best (CoOp's protocol).
 
     The objective is scikit-learn's (``C * sum of cross-entropies + ||W||^2 / 2``, intercept unpenalised),
-    solved full-batch with torch L-BFGS in float64, warm-started along the grid: scikit-learn's lbfgs
-    needs minutes on separable few-shot data at large C.
+    solved full-batch with torch L-BFGS in float64, each fit warm-started from the nearest C tried so far:
+    scikit-learn's lbfgs needs minutes on separable few-shot data at large C.
     """
 
     def __init__(self, cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), refine: int = 3,
@@ -77,13 +77,12 @@ class LinearProbe:
         train_x, val_x = (train_x - self.mean_) / self.std_, (val_x - self.mean_) / self.std_
         n_classes = max(int(train_y.max()), int(val_y.max())) + 1
         tried: dict[float, tuple[float, torch.Tensor]] = {}
-        previous = torch.zeros(train_x.shape[1] + 1, n_classes, dtype=torch.float64)
+        zeros = torch.zeros(train_x.shape[1] + 1, n_classes, dtype=torch.float64)
 
         def attempt(c: float) -> None:
-            nonlocal previous
-            if c not in tried:
-                params = self._solve(train_x, train_y, c, previous)
-                previous = params
+            if c not in tried:  # warm start from the solution at the nearest C tried so far
+                nearest = min(tried, key=lambda t: abs(math.log(t / c)), default=None)
+                params = self._solve(train_x, train_y, c, zeros if nearest is None else tried[nearest][1])
                 logits = torch.cat([val_x, torch.ones(len(val_x), 1, dtype=val_x.dtype)], dim=1) @ params
                 tried[c] = (float((logits.argmax(1) == val_y).double().mean()), params)
 
