@@ -151,12 +151,12 @@ def _embed_outputs(out: str) -> tuple[Path, Path]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the toolkit end to end on the offline toy world and print what it did."""
-    from cbm.demo import format_rows, run_demo
+    from cbm.demo import format_files, format_rows, run_demo
 
     results = run_demo(args.out, cache_dir=args.cache_dir)
     print(format_rows(results))
-    print(f"\ndone in {results['seconds']:.0f} s; outputs (demo.json, a model bundle, a concept bank) are in "
-          f"{Path(args.out).resolve()}")
+    print(f"\ndone in {results['seconds']:.0f} s; everything is in {for_terminal(Path(args.out).resolve())}")
+    print(format_files(results))
     return 0
 
 

@@ -38,6 +38,7 @@ class _Demo:
 
         self.out, self.cache_dir, self.progress = out, cache_dir, progress
         self.rows: list[tuple[str, str, float]] = []
+        self.written: list[Path] = []
         self.results: dict[str, Any] = {}
         self.clip = load_backbone("toy:clip")
         self.cnn = load_backbone("toy:cnn")
@@ -46,6 +47,11 @@ class _Demo:
         self.text_bank = toy_text_bank(self.clip)
         self.class_texts = torch.stack([torch.nn.functional.normalize(self.clip.encode_texts(class_prompts(name)),
                                                                       dim=1).mean(0) for name in CLASS_NAMES])
+
+    def wrote(self, path: Path) -> Path:
+        """Note a file or folder the demo wrote (listed at the end, for a newcomer to open)."""
+        self.written.append(Path(path))
+        return Path(path)
 
     def row(self, measure: str, value: float, split: str = "test") -> float:
         self.rows.append((measure, split, float(value)))
@@ -77,8 +83,8 @@ class _Demo:
         cav_pcbm = PosthocCBM(label_cav_bank(cnn_train)).fit(cnn_train, validation=self.cnn_data["val"])
         self.row("PCBM, toy:cnn CAV concepts (accuracy)", cav_pcbm.score(self.cnn_data["test"]))
         self.row("PCBM non-zero concept weights per class (mean)", np.mean(list(pcbm.sparsity().values())), "")
-        self.text_bank.save(self.out / "toy_clip_text_bank")
-        pcbm.save(self.out / "pcbm_toy_clip.cbm", metrics={"test_accuracy": accuracy})
+        self.text_bank.save(self.wrote(self.out / "toy_clip_text_bank"))
+        pcbm.save(self.wrote(self.out / "pcbm_toy_clip.cbm"), metrics={"test_accuracy": accuracy})
         self.results["pcbm_top_concepts"] = {name: pcbm.top_concepts(3)[name] for name in pcbm.class_names[:4]}
         self._audit(pcbm, test)
 
@@ -92,6 +98,7 @@ class _Demo:
         report = audit(pcbm, test, name="PCBM (toy:clip text concepts)", data_name="toy:images@test",
                        train=self.clip_data["train"], images=images, out=self.out / "audit", progress=self.progress)
         self.row("PCBM greedy-oracle intervention gain, 20 concepts (accuracy)", report.summary["oracle_gain"])
+        self.wrote(self.out / "audit")
         self.results["audit"] = {"html": str(report.paths["html"]),
                                  "top_suspects": [s["concept"] for s in report.data["suspects"][:3]]}
 
@@ -110,11 +117,11 @@ class _Demo:
         labo = LaBoCBM(self.text_bank, prior=toy_language_prior()).fit(one_shot, validation=val)
         self.row("LaBo, 1 shot per class (accuracy)", labo.score(test))
         self.row("linear probe, 1 shot per class (accuracy)", LinearProbe().fit(one_shot, validation=val).score(test))
-        labo.save(self.out / "labo_1shot_toy_clip.cbm")
+        labo.save(self.wrote(self.out / "labo_1shot_toy_clip.cbm"))
         sparse = SparseCBM(self.text_bank, loss="gumbel").fit(train, validation=val)
         self.row("Sparse-CBM (Gumbel), toy:clip text concepts (accuracy)", sparse.score(test))
         self.row("Sparse-CBM top-5 share of concept activation mass", sparse.sparsity(test)["top5_abs_share"])
-        sparse.save(self.out / "sparse_toy_clip.cbm")
+        sparse.save(self.wrote(self.out / "sparse_toy_clip.cbm"))
         search = ConceptMatrixSearch(self.text_bank, self.class_texts, CLASS_NAMES)
         self.row("Concept Matrix Search, training-free (accuracy)", search.score(test))
 
@@ -127,7 +134,7 @@ class _Demo:
         labels, concepts = test.labels[:samples], test.concept_labels[:samples]
         self.row("ECBM, toy:cnn concept labels (accuracy)", (inference.logits.argmax(1) == labels).float().mean())
         self.row("ECBM concept accuracy", ((inference.concept_probs > 0.5).float() == concepts).float().mean())
-        ecbm.save(self.out / "ecbm_toy_cnn.cbm")
+        ecbm.save(self.wrote(self.out / "ecbm_toy_cnn.cbm"))
 
     def temporal(self) -> None:
         from cbm.models import TemporalCBM, TimeAveragedCBM
@@ -139,12 +146,13 @@ class _Demo:
         self.row("MoTIF temporal CBM, toy videos (video accuracy)", motif.score(test))
         self.row("time-averaged CBM, toy videos (video accuracy)",
                  TimeAveragedCBM(self.text_bank).fit(train, validation=val).score(test))
-        motif.save(self.out / "motif_toy_clip.cbm")
+        motif.save(self.wrote(self.out / "motif_toy_clip.cbm"))
 
 
 def run_demo(out: str | Path = "cbm-output/demo", *, cache_dir: str | Path | None = None,
              sizes: dict[str, int] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every capability the toolkit has on the toy world; write results under ``out``."""
+    """Run every capability the toolkit has on the toy world; write results under ``out``. ``results["files"]``
+    lists every file and folder written (model bundles, concept bank, audit folder, demo.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -155,8 +163,32 @@ def run_demo(out: str | Path = "cbm-output/demo", *, cache_dir: str | Path | Non
     results = demo.results
     results["rows"] = [{"measure": name, "split": split, "value": value} for name, split, value in demo.rows]
     results["seconds"] = time.perf_counter() - started
+    results["files"] = [str(path) for path in [*demo.written, out / "demo.json"]]
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a file, or of all the files under a folder."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def format_files(results: dict[str, Any]) -> str:
+    """The files the demo wrote with their sizes, then the commands that open its models in the editor."""
+    from cbm.untrusted import for_terminal
+
+    files = [Path(name) for name in results["files"]]
+    lines = ["files written:"]
+    lines += [f"  {for_terminal(path)}{'/' if path.is_dir() else ''}  ({size_on_disk(path) / 2**10:,.0f} KiB)"
+              for path in files]
+    editor = {path.name: path for path in files}
+    lines.append("open a model in the concept editor:")
+    if "pcbm_toy_clip.cbm" in editor:
+        lines.append(f"  cbm app {for_terminal(editor['pcbm_toy_clip.cbm'])}")
+    if "motif_toy_clip.cbm" in editor:
+        lines.append(f"  cbm app {for_terminal(editor['motif_toy_clip.cbm'])} --data toy:videos@val")
+    return "\n".join(lines)
 
 
 def format_rows(results: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 Class names, concept names, sample ids, edit reasons and data names come from files and LLMs. Each
 renderer has its own hazard: terminals obey control characters (ANSI escapes, bidi overrides), spreadsheets
-run cells that start with ``=``, matplotlib typesets ``$...$`` as math, and names decoded from file names
+run cells that start with ``=``, matplotlib typesets ``$...$`` as math, Streamlit renders markdown, math, HTML-like
+tags and ``:red[...]`` directives, and names decoded from file names
 (``os.fsdecode``) may hold undecodable bytes that no UTF-8 file, page or font can take. One function per
 renderer, here, so every caller escapes the same way.
 """
@@ -76,3 +77,19 @@ def for_markdown(text: Any) -> str:
     HTML, ``$`` math, ``:red[...]`` directives), line breaks become spaces, and control characters and
     undecodable bytes are shown as escapes as in :func:`for_terminal`."""
     return _MARKDOWN_SPECIAL.sub(r"\\\1", for_terminal(str(text).replace("\r\n", " ").replace("\n", " ")))
+
+
+#: What Streamlit's markdown (and its widget labels) could read as syntax: CommonMark's punctuation, ``$`` math,
+#: ``:colour[...]``/``:emoji:`` directives, ``~`` strike-through, ``|`` tables and ``<...>`` tags or autolinks.
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
+
+
+def for_markdown(text: Any) -> str:
+    """``text`` as Streamlit markdown (``st.markdown``, captions, widget labels) shows it literally: every
+    markdown punctuation character backslash-escaped (so no emphasis, link, heading, quote, list, math, tag or
+    colour directive forms, wherever it stands); control characters and line breaks shown as escapes as in
+    :func:`for_terminal`, so the text stays on one line; leading spaces become no-break spaces (four spaces
+    would start a code block)."""
+    escaped = _MARKDOWN_PUNCTUATION.sub(r"\\\1", for_terminal(text))
+    body = escaped.lstrip(" ")
+    return "\u00a0" * (len(escaped) - len(body)) + body

@@ -24,7 +24,7 @@ from cbm.data.folders import ImageFolder
 from cbm.data.registry import register_dataset_scheme
 from cbm.embed import embed
 from cbm.models import PosthocCBM, load
-from cbm.untrusted import TerminalLogFormatter, for_terminal
+from cbm.untrusted import TerminalLogFormatter, for_markdown, for_terminal
 from concepts import ConceptBank
 from explain.audit import Report
 from explain.batch import summary_lines
@@ -187,3 +187,28 @@ def test_weight_files_that_are_not_tensor_files_fail_in_one_sentence(tmp_path):
     assert "could run code when loaded, so it is refused" in messages["evil.pth"]
     for message in messages.values():
         assert "weights_only" not in message and "\n" not in message and message.replace("e.g. ", "").count(". ") == 0
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("**bold**", r"\*\*bold\*\*"),
+    ("[link](http://x)", r"\[link\]\(http\://x\)"),
+    ("$x$", r"\$x\$"),
+    (":red[x]", r"\:red\[x\]"),
+    ("<b>x</b>", r"\<b\>x\</b\>"),
+    ("# heading", r"\# heading"),
+    ("> quote", r"\> quote"),
+    ("- item", r"\- item"),
+    ("1. item", r"1\. item"),
+    ("a_b ~c~ `d` {e} |f| !g &amp;", r"a\_b \~c\~ \`d\` \{e\} \|f\| \!g \&amp;"),
+    ("back\\slash", r"back\\slash"),
+    ("plain words 42", "plain words 42"),
+])
+def test_markdown_escaping_shows_the_text_literally(text, shown):
+    assert for_markdown(text) == shown
+
+
+def test_markdown_escaping_keeps_one_line_without_controls_or_indentation():
+    shown = for_markdown("    code\nnext\x1b[31m\u202e")
+    assert "\n" not in shown and "\x1b" not in shown and "\u202e" not in shown
+    assert shown.startswith("\u00a0" * 4 + "code")
+    assert r"\\nnext" in shown and r"\\x1b\[31m" in shown and r"\\u202e" in shown
