@@ -170,8 +170,9 @@ def measure_browser(models: str | Path | None = None, repeats: int = 5, concepts
     """The editor in headless Chromium on each family's bundle (built in ``models`` unless there)."""
     from benchmarks import editor_browser as eb
 
-    setup = (f"cbm app in headless Chromium; PCBM with {concepts} text concepts, MoTIF, ECBM; median of {repeats} "
-             f"actions; {os.cpu_count()} CPUs")
+    shown = {"PCBM": f"PCBM with {concepts} text concepts", "MoTIF": "MoTIF", "ECBM": "ECBM"}
+    setup = (f"cbm app in headless Chromium; {', '.join(shown[f] for f in families)}; median of {repeats} actions; "
+             f"{os.cpu_count()} CPUs")
     missing = eb.browser_missing()
     if missing:
         return BenchResult("editor-browser", f"skipped: {missing}", [], [f"skipped: {missing}"])
