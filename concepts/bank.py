@@ -76,6 +76,23 @@ def real_tensor(value: Any, name: str) -> torch.Tensor:
     return tensor.to(torch.float32)  # no detach: gradients flow through the models (TCAV)
 
 
+FINITE_CHUNK = 2**22  # elements checked at a time by nonfinite_rows (a 4 MiB mask, whatever the data's size)
+
+
+def nonfinite_rows(tensor: torch.Tensor) -> int:
+    """How many rows (first-dimension slices) of ``tensor`` hold NaN or infinite values, checked a few rows at
+    a time so that no mask the size of the data is made (a 0-d tensor is one row)."""
+    if tensor.ndim == 0:
+        return int(not torch.isfinite(tensor))
+    rows = max(1, FINITE_CHUNK // max(tensor[:1].numel(), 1))
+    bad = 0
+    for part in tensor.split(rows):
+        finite = torch.isfinite(part)
+        if not finite.all():
+            bad += int((~finite).reshape(len(part), -1).any(dim=1).sum())
+    return bad
+
+
 def repeated(names: Iterable[str]) -> list[str]:
     """The names that occur more than once, sorted (one pass: linear in the number of names)."""
     return sorted(name for name, count in Counter(names).items() if count > 1)
@@ -272,7 +289,7 @@ class ConceptBank:
             raise BackboneMismatchError(
                 f"features have dimension {features.shape[1]} but the concept bank has dimension {self.dim}; "
                 "they come from another backbone.")
-        if not torch.isfinite(features).all():
+        if nonfinite_rows(features):
             raise ValueError("features contain NaN or infinite values; clean or drop those rows first.")
         return features
 

@@ -204,3 +204,31 @@ def test_bad_inputs_are_named(world):
         PosthocCBM(world["bank"]).fit(x[:50], -torch.ones(50, dtype=torch.long))
     with pytest.raises(ValueError, match="dimension"):
         PosthocCBM(world["bank"]).fit(torch.zeros(10, 7), torch.zeros(10))
+
+
+def test_a_fit_in_small_chunks_equals_the_unchunked_fit_and_uses_float32_input_in_place(world, monkeypatch):
+    """The fit's passes over all rows (scores, references, label map, finiteness checks, solver) go in chunks:
+    the same model as in one chunk, and float32 input is neither copied nor checked with a full-size mask."""
+    from cbm.models import posthoc, streaming
+    from cbm.models.base import as_matrix
+    from concepts import bank as bank_module
+
+    x, y, present = world["train"]
+    settings = [{"concept_labels": present}, {"validation": world["val"][:2]}, {}]  # references: labels, quantiles
+    whole = [PosthocCBM(world["bank"], hybrid=True, residual_epochs=2).fit(x, y, **fit) for fit in settings]
+    for module, name, value in ((posthoc, "ROW_CHUNK", 100), (streaming, "CHUNK_BYTES", 4000),
+                                (bank_module, "FINITE_CHUNK", 50)):
+        monkeypatch.setattr(module, name, value)
+    for model, fit in zip(whole, settings):
+        chunked = PosthocCBM(world["bank"], hybrid=True, residual_epochs=2).fit(x, y, **fit)
+        assert chunked.training_ == model.training_ and chunked.metrics_ == pytest.approx(model.metrics_)
+        for name, value in model._state()[1].items():
+            assert torch.allclose(value, chunked._state()[1][name], rtol=1e-4, atol=1e-5), name
+    array = x.numpy()
+    assert as_matrix(array, "x").data_ptr() == array.ctypes.data  # float32 input used in place
+    bad = x.clone()
+    bad[[3, 40, 1000], 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite values in 3 rows"):
+        as_matrix(bad, "x")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        PosthocCBM(world["bank"]).fit(bad, y)

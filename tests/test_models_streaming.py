@@ -138,8 +138,10 @@ def test_rows_stream_every_row_once_in_chunks_and_apply_maps_to_each():
     assert torch.equal(doubled.batch(index)[0], 2 * x[index]) and torch.equal(doubled.batch(index)[1], y[index] + 1)
     assert torch.equal(doubled.tensors[0], x)  # streamed: the host keeps the data as given
     assert torch.allclose(doubled.sum(lambda a, b: a.sum(0)), 2 * x.sum(0), atol=1e-5)
-    resident = Rows((x, y), CPU).map(lambda a, b: (2 * a, b))
-    assert len(list(resident.chunks())) == 1 and torch.equal(resident.tensors[0], 2 * x)
+    resident = Rows((x, y), CPU).map(lambda a, b: (2 * a, b))  # resident: passes in chunks too, mapped as used
+    assert resident.chunk_rows == rows.chunk_rows and torch.equal(resident.tensors[0], x)
+    assert torch.equal(torch.cat([c[0] for c in resident.chunks()]), 2 * x)
+    assert torch.equal(resident.batch(index)[0], 2 * x[index])
     with pytest.raises(ValueError, match="same number of rows"):
         Rows((x, y[:5]), CPU)
 

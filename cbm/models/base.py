@@ -29,7 +29,7 @@ from cbm.backbones import Backbone, load_backbone
 from cbm.data.base import MAX_CLASSES
 from cbm.embed import Embeddings
 from cbm.models.bundle import BundleError, read_bundle, write_bundle
-from concepts.bank import ConceptBank, NameIndex, real_tensor, repeated
+from concepts.bank import ConceptBank, NameIndex, nonfinite_rows, real_tensor, repeated
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def as_real_tensor(value: Any, name: str) -> torch.Tensor:
 
 def check_finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """``tensor`` itself, or a ValueError saying how many of its rows hold NaN or infinite values."""
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).reshape(len(tensor), -1).any(dim=1).sum()) if tensor.ndim else 1
+    bad = nonfinite_rows(tensor)
+    if bad:
         raise ValueError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them first.")
     return tensor
 

@@ -16,6 +16,7 @@ no validation data is given, a seeded 10% of the training data is held out for i
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -23,12 +24,25 @@ import torch
 from torch import nn
 
 from cbm.backbones import resolve_device
-from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix, bank_from_state, bank_state, check_tensors, prepare_validation)
+from cbm.models.base import (ConceptBottleneckModel, LinearHeadEdits, Validation, _restore_common, accuracy, as_matrix,
+                             bank_from_state, bank_state, check_tensors, holdout_split, prepare_validation)
 from cbm.models.solvers import LinearSolution, elastic_net_path, elastic_net_softmax, lambda_max
 from cbm.models.streaming import Rows, Stream, evaluate, should_stream
 from concepts.bank import ConceptBank
 
 logger = logging.getLogger(__name__)
+
+ROW_CHUNK = 2**22  # values per chunk of the fit's passes over all rows (16 MiB of float32)
+
+
+def row_blocks(n: int, width: int, order: torch.Tensor | None = None) -> Iterator[tuple[slice, slice | torch.Tensor]]:
+    """(output rows, input rows) of consecutive blocks of ``n`` rows of ``width`` values, about ``ROW_CHUNK``
+    values each; the input rows are ``order[block]`` (an index into the input) when ``order`` is given."""
+    step = max(1, ROW_CHUNK // max(width, 1))
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        yield block, block if order is None else order[block]
+
 
 class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
     """Post-hoc CBM over a concept bank; ``hybrid=True`` gives PCBM-h.
@@ -115,33 +129,51 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         between them, so ground truth only helps when the intervened scores keep that sharing: on
         toy:cnn CAVs, setting all concepts by this map raises accuracy 0.891 -> 0.954, while the
         per-concept means lower it to 0.815.
+
+        Memory: beyond ``x`` the fit holds one [N, K] tensor of concept scores (the training rows' and, when
+        the validation data are held out of ``x``, theirs); float32 input is used in place, and checks,
+        references and solver passes go chunk by chunk. PCBM-h with held-out validation data also copies the
+        training rows' features for its residual.
         """
         features, labels = self._begin_bank_fit(x, y, class_names)
         n_classes = len(self.class_names_)
-        scores = self._margins(features)
-        references = self._references(scores, concept_labels)
-        self.label_map_ = None if concept_labels is None else label_regression(
-            as_matrix(concept_labels, "concept_labels", scores.shape[1]), scores)
-        train_x, train_y, val_x, val_y, val_source = prepare_validation(self, features, labels, validation, self.seed,
-                                                                        self.bank)
+        if concept_labels is not None:
+            concept_labels = as_matrix(concept_labels, "concept_labels", len(self.concept_names_))
+            if len(concept_labels) != len(features):
+                raise ValueError(f"concept_labels has {len(concept_labels)} rows but x has {len(features)}.")
+        if validation is None:  # a seeded 10% held out: all rows' scores in one tensor, the training rows first
+            train_rows, held_rows = holdout_split(len(features), self.seed)
+            order, val_source = torch.cat([train_rows, held_rows]), f"held out 10% of train (seed {self.seed})"
+            train_y, val_x, val_y = labels[train_rows], features[held_rows], labels[held_rows]
+            scores = self._scores(features, order)
+            train_s, val_s = scores[:len(train_rows)], scores[len(train_rows):]
+        else:
+            train_rows = order = None
+            _, train_y, val_x, val_y, val_source = prepare_validation(self, features, labels, validation, self.seed,
+                                                                     self.bank)
+            scores = train_s = self._scores(features)
+            val_s = self._scores(val_x)
+        references = self._references(scores, concept_labels, order)
+        self.label_map_ = None if concept_labels is None else label_regression(concept_labels, scores, order=order)
+        # the residual learns from the features themselves (a copy of the training rows when some are held out)
+        residual_x = (features if train_rows is None else features[train_rows], val_x) if self.hybrid else ()
 
         device = resolve_device(self.device)
-        train_s, val_s = self._margins(train_x), self._margins(val_x)
-        moved = (train_s, train_y, val_s, val_y) + ((train_x, val_x) if self.hybrid else ())
-        streamed = should_stream(self.stream, moved, device)
+        streamed = should_stream(self.stream, (train_s, train_y, val_s, val_y, *residual_x), device)
         train, val = Rows((train_s, train_y), device, streamed), Rows((val_s, val_y), device, streamed)
         head = self._fit_head(train, val, n_classes)
         self.weight_, self.bias_ = head.weight.cpu(), head.bias.cpu()
         self.lam_ = head.lam
         self.reference_high_, self.reference_low_ = references
-        head_val = accuracy(val_s @ self.weight_.T + self.bias_, val_y)
-        self.metrics_ = {"train_accuracy": accuracy(train_s @ self.weight_.T + self.bias_, train_y),
+        head_val = evaluate(val, lambda s: s @ head.weight.T + head.bias)[0]
+        self.metrics_ = {"train_accuracy": evaluate(train, lambda s: s @ head.weight.T + head.bias)[0],
                          "val_accuracy": head_val, "pcbm_val_accuracy": head_val,
                          "nonzero_weights": int((self.weight_ != 0).sum())}
         if self.hybrid:
-            self._fit_residual(train_x, train_y, val_x, val_y, streamed)
-            self.metrics_["val_accuracy"] = accuracy(self._logits(val_x, self._margins(val_x)), val_y)
-        self.training_ = {"samples": len(train_x), "validation": val_source, "validation_samples": len(val_x),
+            train_x, val_x = residual_x
+            self._fit_residual((train_x, train_s, train_y), (val_x, val_s, val_y), streamed)
+            self.metrics_["val_accuracy"] = accuracy(self._logits(val_x, val_s), val_y)
+        self.training_ = {"samples": len(train_s), "validation": val_source, "validation_samples": len(val_s),
                           "lam": self.lam_, "solver_iterations": head.iterations, "converged": head.converged,
                           "streamed": streamed,
                           "data": getattr(x, "ids", None) and len(x.ids)}
@@ -165,24 +197,40 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
             raise ValueError(f"lam must be 'rule', 'path' or a non-negative number, got {self.lam!r}.")
         return elastic_net_softmax(train, None, n_classes, lam, self.l1_ratio, max_iter=self.max_iter)
 
-    def _references(self, scores: torch.Tensor, concept_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-concept "high"/"low" scores: from concept labels if given, else the CAV's recorded
-        positive/negative mean margins, else the 95th/5th percentiles of the training scores."""
+    def _scores(self, features: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Concept scores [N, K] of ``features`` (of its rows ``order``, in that order, when given), made chunk by
+        chunk into one tensor."""
+        n = len(features) if order is None else len(order)
+        scores = torch.empty(n, len(self.bank.names), device=features.device)
+        with torch.no_grad():
+            for block, rows in row_blocks(n, features.shape[1], order):
+                scores[block] = self._margins(features[rows])
+        return scores
+
+    def _references(self, scores: torch.Tensor, concept_labels: torch.Tensor | None,
+                    order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-concept "high"/"low" scores over all of x's rows (``scores``; row i is x's row ``order[i]`` when
+        given): the mean score with and without each concept if concept labels (aligned with x) are given, else
+        the CAV's recorded positive/negative mean margins, else the 95th/5th percentiles; chunk by chunk."""
+        n, k = scores.shape
         if concept_labels is not None:
-            labels = as_matrix(concept_labels, "concept_labels", scores.shape[1])
-            if len(labels) != len(scores):
-                raise ValueError(f"concept_labels has {len(labels)} rows but x has {len(scores)}.")
-            present = labels > 0.5
-            counts = present.sum(0)
-            if (counts == 0).any() or (counts == len(labels)).any():
+            counts, high, low = scores.new_zeros(k, dtype=torch.long), scores.new_zeros(k), scores.new_zeros(k)
+            for block, rows in row_blocks(n, k, order):
+                present, part = concept_labels[rows] > 0.5, scores[block]
+                counts += present.sum(0)
+                high += (part * present).sum(0)
+                low += (part * ~present).sum(0)
+            if (counts == 0).any() or (counts == n).any():
                 raise ValueError("every concept needs positive and negative examples in concept_labels.")
-            high = (scores * present).sum(0) / counts
-            low = (scores * ~present).sum(0) / (len(labels) - counts)
-            return high, low
+            return high / counts, low / (n - counts)
         stats = self.bank.stats
         if "pos_mean" in stats and "neg_mean" in stats:
             return stats["pos_mean"].clone(), stats["neg_mean"].clone()
-        return torch.quantile(scores, 0.95, dim=0), torch.quantile(scores, 0.05, dim=0)
+        columns = max(1, ROW_CHUNK // n)  # a few columns at a time: quantile sorts a copy of its input
+        levels = torch.tensor([0.95, 0.05], device=scores.device)
+        high_low = torch.cat([torch.quantile(scores[:, start:start + columns], levels, dim=0)
+                              for start in range(0, k, columns)], dim=1)
+        return high_low[0], high_low[1]
 
     def concept_label_map(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ridge map from concept labels to scores fitted on the training data (``fit`` with
@@ -190,17 +238,17 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         self._check_fitted()
         return getattr(self, "label_map_", None)
 
-    def _fit_residual(self, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-                      val_y: torch.Tensor, streamed: bool) -> None:
-        """Train the residual layer with Adam; keep the epoch with the best validation loss."""
+    def _fit_residual(self, train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      val: tuple[torch.Tensor, torch.Tensor, torch.Tensor], streamed: bool) -> None:
+        """Train the residual layer on (features, concept scores, labels) ``train`` with Adam; keep the epoch with
+        the best validation loss on ``val``."""
         device = resolve_device(self.device)
         generator = torch.Generator().manual_seed(self.seed)
-        residual = nn.Linear(train_x.shape[1], len(self.class_names_)).to(device)
+        residual = nn.Linear(train[0].shape[1], len(self.class_names_)).to(device)
         with torch.no_grad():
             residual.weight.zero_()
             residual.bias.zero_()
-        train = Rows((train_x, self._margins(train_x) @ self.weight_.T + self.bias_, train_y), device, streamed)
-        val = Rows((val_x, self._margins(val_x) @ self.weight_.T + self.bias_, val_y), device, streamed)
+        train, val = (Rows((x, s @ self.weight_.T + self.bias_, y), device, streamed) for x, s, y in (train, val))
         optimiser = torch.optim.Adam(residual.parameters(), lr=self.residual_lr)
 
         def validation_loss() -> float:
@@ -266,15 +314,28 @@ class PosthocCBM(LinearHeadEdits, ConceptBottleneckModel):
         return model
 
 
-def label_regression(labels: torch.Tensor, scores: torch.Tensor, ridge: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [K, K], bias [K]) of the ridge regression of scores [N, K] on binary labels [N, K].
+def label_regression(labels: torch.Tensor, scores: torch.Tensor, ridge: float = 1.0, *,
+                     order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [K, K], bias [K]) of the ridge regression of scores [N, K] on binary labels [N, K] (score row i
+    stands for label row ``order[i]`` when given), in float64, chunk by chunk.
 
     One-hot concept groups make the labels collinear; the small ridge keeps the solution unique."""
     if len(labels) != len(scores):
         raise ValueError(f"concept_labels has {len(labels)} rows but x has {len(scores)}.")
-    labels, scores = labels.double(), scores.double()
-    label_mean, score_mean = labels.mean(0), scores.mean(0)
-    centred = labels - label_mean
-    gram = centred.T @ centred + ridge * torch.eye(labels.shape[1], dtype=torch.float64)
-    weight = torch.linalg.solve(gram, centred.T @ (scores - score_mean)).T
+    n, k = scores.shape
+
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for block, rows in row_blocks(n, k, order):
+            yield labels[rows].double(), scores[block].double()
+
+    sums = torch.zeros(2, k, dtype=torch.float64)
+    for chunk_labels, chunk_scores in chunks():
+        sums += torch.stack([chunk_labels.sum(0), chunk_scores.sum(0)])
+    label_mean, score_mean = sums / n
+    gram, cross = ridge * torch.eye(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+    for chunk_labels, chunk_scores in chunks():
+        centred = chunk_labels - label_mean
+        gram += centred.T @ centred
+        cross += centred.T @ (chunk_scores - score_mean)
+    weight = torch.linalg.solve(gram, cross).T
     return weight.float(), (score_mean - weight @ label_mean).float()

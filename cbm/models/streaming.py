@@ -4,16 +4,19 @@ Every family's ``fit`` takes ``stream="auto" | True | False`` (stored verbatim, 
 and hands its training and validation tensors to :class:`Rows`:
 
 - resident (``stream=False``, or ``"auto"`` when the data fit): the tensors are moved to the device
-  once, as before; a mini-batch is indexed there and a pass over the data is one chunk.
+  once, as before (no copy when they are there already); a mini-batch is indexed there.
 - streamed (``stream=True``, or ``"auto"`` when the data exceed :func:`device_budget`): the tensors
-  stay in host memory (a pinned copy when the device is CUDA) and every mini-batch, or every chunk of
-  about ``CHUNK_BYTES`` of a full pass (validation, full-batch solvers), is copied to the device
-  with ``non_blocking=True``. Full passes add up per-chunk sums, so streamed results equal the
-  resident ones up to float rounding. Contiguous chunks of pinned memory copy asynchronously;
+  stay in host memory (a pinned copy when the device is CUDA) and every mini-batch or chunk is copied
+  to the device with ``non_blocking=True``. Contiguous chunks of pinned memory copy asynchronously;
   shuffled mini-batches are gathered on the host first.
 
+Either way a full pass (validation, full-batch solvers) goes in chunks of about ``CHUNK_BYTES`` of
+input and adds up per-chunk sums, and :meth:`Rows.map` transforms each chunk or batch as it is used,
+so a pass never holds a second copy of the data; streamed results equal the resident ones up to
+float rounding.
+
 On the CPU everything is resident under ``"auto"`` (there is nothing to stream to);
-``stream=True`` still runs the chunked code, which is how the tests check it.
+``stream=True`` still runs the streaming code (its copies are no-ops there), which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ logger = logging.getLogger(__name__)
 Stream = bool | Literal["auto"]
 
 DEVICE_FRACTION = 0.5  # share of the free device memory that resident training data may take
-CHUNK_BYTES = 256 * 2**20  # input bytes per chunk of a streamed full pass
+CHUNK_BYTES = 256 * 2**20  # input bytes per chunk of a full pass
 
 
 def device_budget(device: torch.device) -> float:
@@ -73,7 +76,7 @@ class Rows:
         else:
             self.tensors = tuple(t.to(device) for t in tensors)
         row_bytes = sum(t[:1].numel() * t.element_size() for t in self.tensors)
-        self.chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1)) if stream else max(len(self), 1)
+        self.chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
         self._transforms: tuple[Callable[..., tuple[torch.Tensor, ...]], ...] = ()
 
     def __len__(self) -> int:
@@ -82,8 +85,8 @@ class Rows:
     def _arrive(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.streaming:
             parts = tuple(t.to(self.device, non_blocking=True) for t in parts)
-            for transform in self._transforms:
-                parts = tuple(transform(*parts))
+        for transform in self._transforms:
+            parts = tuple(transform(*parts))
         return parts
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -92,7 +95,7 @@ class Rows:
         return self._arrive(tuple(t[index] for t in self.tensors))
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Consecutive chunks of all rows, on the device: one chunk when resident."""
+        """Consecutive chunks of all rows (about ``CHUNK_BYTES`` each), on the device."""
         for start in range(0, len(self), self.chunk_rows):
             yield self._arrive(tuple(t[start:start + self.chunk_rows] for t in self.tensors))
 
@@ -106,13 +109,10 @@ class Rows:
         return total
 
     def map(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> Rows:
-        """Rows of ``fn(*tensors)``, a row-wise transform: applied once now when resident, to every batch or
-        chunk after its copy when streamed (so the host keeps one copy of the data)."""
+        """Rows of ``fn(*tensors)``, a row-wise transform applied to every batch or chunk as it is used (after
+        its copy when streamed), so that only one copy of the data is kept."""
         mapped = copy.copy(self)
-        if self.streaming:
-            mapped._transforms = (*self._transforms, fn)
-        else:
-            mapped.tensors = tuple(fn(*self.tensors))
+        mapped._transforms = (*self._transforms, fn)
         return mapped
 
 
