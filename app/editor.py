@@ -31,7 +31,7 @@ from app.session import (UPLOAD_TYPES, EditorSession, EditPreview, InterventionO
 from cbm.data.base import ImageReadError  # noqa: E402
 from cbm.models import VideoSequences  # noqa: E402
 from cbm.untrusted import for_markdown  # noqa: E402
-from explain import EvalData, explain_samples  # noqa: E402
+from explain import EvalData, counterfactual, explain_samples, make_view  # noqa: E402
 from explain.plots import contribution_figure, timeline_figure  # noqa: E402
 
 SLIDERS_SHOWN = 12
@@ -63,9 +63,12 @@ def flash(kind: str, text: str) -> None:
 
 
 def show_flash() -> None:
+    """The message of the last action, in a container drawn on every run, so that the elements below keep their
+    place (the tabs would otherwise be drawn anew and jump back to the first one)."""
+    area = st.container()
     kind, text = st.session_state.pop("flash", (None, None))
     if kind:
-        getattr(st, kind)(text)
+        getattr(area, kind)(text)
 
 
 def png(figure) -> bytes:
@@ -132,8 +135,10 @@ def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
         st.error(f"Cannot use this upload: {md(error)}")
         return None
     name = f"upload:{upload.name}"
-    features = s.memo(("upload", name, upload.size, upload.file_id), lambda: s.backbone.embed_pil([image]))
-    return name, features, image
+    if st.session_state.get("upload_seen") != upload.file_id:  # another file under a name seen before
+        s.forget(name)
+        st.session_state.upload_seen = upload.file_id
+    return name, s.memo(("upload", name), lambda: s.backbone.embed_pil([image])), image
 
 
 def open_sample(index: int) -> None:
@@ -158,8 +163,10 @@ def browse(s: EditorSession, indices: list[int]) -> int | None:
         guess, truth = int(outputs.predicted[index]), int(s.labels[index])
         mark = f"✓ {names[guess]}" if guess == truth else f"✗ {names[guess]} (true: {names[truth]})"
         with columns[slot % 8]:
-            st.image(s.data.thumbnail(index), caption=f"{s.sample_ids[index]}\n{mark}", width=72)
-            st.button("open", key=f"open|{index}", on_click=open_sample, args=(index,))
+            st.image(s.data.thumbnail_png(index), caption=mark, width=72)
+            sample = s.sample_ids[index]
+            st.button(sample if len(sample) <= 14 else "…" + sample[-13:], key=f"open|{index}", on_click=open_sample,
+                      args=(index,), help=f"open {sample}")
     if st.session_state.get("sample") not in indices:
         st.session_state.sample = shown[0]
     return st.selectbox("Video" if s.is_video else "Sample", indices, format_func=lambda i: s.sample_ids[i],
@@ -228,7 +235,7 @@ def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoS
         value = values.get(concept, now)
         marks = [f"model's value {now:.3g}"] + ([f"typical when absent {low:.3g}"] if low is not None else []) + (
             [f"typical when present {high:.3g}"] if high is not None else [])
-        slider, absent, present, reset = st.columns([8, 2, 2, 1], vertical_alignment="bottom")
+        slider, absent, present, reset = st.columns([5, 2, 2, 2], vertical_alignment="bottom")
         slider.slider(md(concept), lo, hi, min(max(value, lo), hi), (hi - lo) / 100 or 0.01,
                       key=slider_key(s, name, concept), on_change=slider_moved, args=(s, name, concept, now),
                       help="; ".join(marks))
@@ -239,7 +246,7 @@ def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoS
             present.button("present", key=f"present|{name}|{concept}", on_click=set_to,
                            args=(s, name, concept, high, now),
                            help=f"set to {high:.3g}, the typical value when the concept is present")
-        reset.button("↺", key=f"undo|{name}|{concept}", on_click=set_to, args=(s, name, concept, now, now),
+        reset.button("reset", key=f"undo|{name}|{concept}", on_click=set_to, args=(s, name, concept, now, now),
                      disabled=concept not in values, help=f"back to the model's value {now:.3g}")
         st.caption(md(" · ".join(marks)) + (f" · **set to {value:.3g}**" if concept in values else ""))
 
@@ -250,20 +257,31 @@ def two_series(what: str, index: list[str], before, after) -> pd.DataFrame:
                         index=pd.Index(index, name=what))
 
 
+def one_series(what: str, index: list[str], values) -> pd.DataFrame:
+    return pd.DataFrame({"now": [float(v) for v in values]}, index=pd.Index(index, name=what))
+
+
+def bars(frame: pd.DataFrame, value_label: str) -> None:
+    """Horizontal bars, largest (after the change) on top, every row labelled; grouped when before/after."""
+    series = len(frame.columns)
+    st.bar_chart(frame, horizontal=True, stack=False, sort=f"-{frame.columns[-1]}", x_label="", y_label=value_label,
+                 height=70 + len(frame) * (14 + 10 * series))
+
+
 def top_rows(before: torch.Tensor, after: torch.Tensor, k: int = CHART_ROWS) -> list[int]:
     return (before.abs() + after.abs()).argsort(descending=True)[:k].tolist()
 
 
-def show_outcome(s: EditorSession, name: str, outcome: InterventionOutcome) -> None:
-    """Before/after, side by side with the sliders: the prediction, the drivers, the contributions."""
+def show_outcome(s: EditorSession, name: str, outcome: InterventionOutcome) -> bool:
+    """Before/after, side by side with the sliders: the prediction, the drivers, the contributions; True when
+    the intervention was just recorded."""
     model = s.model
     names = model.class_names
     old, new = outcome.predicted_before, outcome.predicted_after
     st.markdown(md(f"New prediction: {names[new]} ({percent(float(outcome.after[new]))})")
                 .join(["**", "**"]) + md(f" (was {names[old]} {percent(float(outcome.before[old]))})"))
     rows = top_rows(outcome.before, outcome.after)
-    st.bar_chart(two_series("class", [names[r] for r in rows], outcome.before[rows], outcome.after[rows]), horizontal=True,
-                 stack=False, height=220, x_label="probability")
+    bars(two_series("class", [names[r] for r in rows], outcome.before[rows], outcome.after[rows]), "probability")
     drivers = sorted(outcome.drivers.items(), key=lambda kv: -abs(kv[1]))
     between = f"{names[new]} over {names[outcome.rival]}"
     st.caption(md(f"What moved the decision ({between}, logit margin {outcome.margin:+.2f} in all): " +
@@ -273,12 +291,12 @@ def show_outcome(s: EditorSession, name: str, outcome: InterventionOutcome) -> N
     if outcome.contributions_after is not None:
         rows = top_rows(outcome.contributions_before, outcome.contributions_after)
         st.markdown(md(f"Concept contributions to {names[new]}, before and after"))
-        st.bar_chart(two_series("concept", [model.concept_names[r] for r in rows], outcome.contributions_before[rows],
-                                outcome.contributions_after[rows]), horizontal=True, stack=False, height=260,
-                     x_label=f"contribution to the logit of {names[new]}")
+        bars(two_series("concept", [model.concept_names[r] for r in rows], outcome.contributions_before[rows],
+                        outcome.contributions_after[rows]), f"contribution to the logit of {names[new]}")
     if hasattr(model, "propagate"):
         concept_shifts(s, name, outcome)
-    st.button("Record this intervention in the audit trail", key="record", on_click=record, args=(s, name, outcome))
+    return st.button("Record this intervention in the audit trail", key="record", on_click=record,
+                     args=(s, name, outcome))
 
 
 def record(s: EditorSession, name: str, outcome: InterventionOutcome) -> None:
@@ -299,8 +317,8 @@ def concept_shifts(s: EditorSession, name: str, outcome: InterventionOutcome, to
         return
     order = order[:top]
     names = [model.concept_names[k] for k in order]
-    st.bar_chart(two_series("concept", names, outcome.concepts_before[order], outcome.concepts_after[order]), horizontal=True,
-                 stack=False, height=220, x_label="concept probability")
+    bars(two_series("concept", names, outcome.concepts_before[order], outcome.concepts_after[order]),
+         "concept probability")
     st.caption(md("Probability before -> after the correction: " + ", ".join(
         f"{name} {float(outcome.concepts_before[k]):.2f} -> {float(outcome.concepts_after[k]):.2f}"
         for name, k in zip(names, order))))
@@ -314,24 +332,34 @@ def show_unchanged(s: EditorSession, name: str, features: torch.Tensor | VideoSe
     predicted = int(probabilities.argmax())
     st.caption("Move a slider (or press absent/present): the new prediction and what moved it appear here.")
     rows = probabilities.argsort(descending=True)[:CHART_ROWS].tolist()
-    st.bar_chart(pd.DataFrame({"probability": probabilities[rows].numpy()}, index=pd.Index([names[r] for r in rows], name="class")),
-                 horizontal=True, height=220, x_label="probability")
+    bars(one_series("class", [names[r] for r in rows], probabilities[rows]), "probability")
     if not s.is_video:
         contributions = s.memo(("contributions", name), lambda: model.contributions(features)[0, predicted])
         rows = contributions.abs().argsort(descending=True)[:CHART_ROWS].tolist()
         st.markdown(md(f"Concept contributions to {names[predicted]}"))
-        st.bar_chart(pd.DataFrame({"contribution": contributions[rows].numpy()},
-                                  index=pd.Index([model.concept_names[r] for r in rows], name="concept")),
-                     horizontal=True, height=260, x_label=f"contribution to the logit of {names[predicted]}")
+        bars(one_series("concept", [model.concept_names[r] for r in rows], contributions[rows]),
+             f"contribution to the logit of {names[predicted]}")
 
 
 def explain_image(s: EditorSession, name: str, features: torch.Tensor, predicted: int) -> None:
-    """Why the model predicted what it did (its top contributions), and the smallest change that flips it."""
-    explanation = s.memo(("explanation", name), lambda: explain_samples(
-        s.model, EvalData(features, None, ids=[name]), rows=[0], k=12)[0])
+    """Why the model predicted what it did (its top contributions), and the smallest change that flips it:
+    at once where the search is cheap (additive heads), on request where every try re-runs the model."""
+    view = s.memo(("view", name), lambda: make_view(s.model, EvalData(features, None, ids=[name])))
+    explanation = s.memo(("explanation", name), lambda: explain_samples(view, rows=[0], k=12, counterfactuals=False)[0])
     st.subheader(md(f"Why {s.model.class_names[predicted]}: concept contributions"))
     st.image(s.memo(("figure", name), lambda: png(contribution_figure(explanation))))
-    st.markdown("**Smallest change that flips it:** " + md(explanation.counterfactual.describe()))
+    key = ("counterfactual", name)
+    if view.additive or st.session_state.get("search_counterfactual") == (id(s.model), name):
+        with st.spinner("Searching the smallest change that flips it..."):
+            found = s.memo(key, lambda: counterfactual(view, row=0))
+        st.markdown("**Smallest change that flips it:** " + md(found.describe()))
+    else:
+        st.button("Find the smallest change that flips it", key="counterfactual", on_click=search_counterfactual,
+                  args=(s, name), help="each try re-runs this model's inference, so this takes a few seconds")
+
+
+def search_counterfactual(s: EditorSession, name: str) -> None:
+    st.session_state.search_counterfactual = (id(s.model), name)
 
 
 def explain_video(s: EditorSession, index: int, video: VideoSequences, predicted: int) -> None:
@@ -349,6 +377,25 @@ def explain_video(s: EditorSession, index: int, video: VideoSequences, predicted
     st.caption("Each window's concepts times their weight for the predicted class; above, the weight the "
                "model's pooling gives each window (the most important one outlined); dashed: the decisive "
                "window, where the evidence for the predicted class rises most as the video unfolds.")
+
+
+@st.fragment
+def intervention_panel(s: EditorSession, name: str, features: torch.Tensor | VideoSequences,
+                       probabilities: torch.Tensor) -> None:
+    """The sliders and, beside them, what they do. A slider move reruns only this panel."""
+    controls, results = st.columns([3, 2], gap="large")
+    with controls:
+        st.subheader("Intervene on concepts")
+        if s.is_video:
+            st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
+                       "(the model's pooling of the windows' values).")
+        concept_sliders(s, name, features)
+    with results:
+        outcome = s.outcome(name, features)
+        if outcome is None:
+            show_unchanged(s, name, features, probabilities)
+        elif show_outcome(s, name, outcome):
+            st.rerun()  # the audit trail tab shows the new entry at once
 
 
 def explore(s: EditorSession, filters: tuple) -> None:
@@ -372,22 +419,11 @@ def explore(s: EditorSession, filters: tuple) -> None:
         show_prediction(s, probabilities, truth)
     else:
         left, right = st.columns([1, 3])
-        left.image(image if image is not None else s.data.thumbnail(index), caption=name, width=160)
+        left.image(image if image is not None else s.data.thumbnail(index), width=160)
         with right:
+            st.caption(md(f"sample: {name}"))
             show_prediction(s, probabilities, truth)
-    controls, results = st.columns([1, 1], gap="large")
-    with controls:
-        st.subheader("Intervene on concepts")
-        if s.is_video:
-            st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
-                       "(the model's pooling of the windows' values).")
-        concept_sliders(s, name, features)
-    with results:
-        outcome = s.outcome(name, features)
-        if outcome is None:
-            show_unchanged(s, name, features, probabilities)
-        else:
-            show_outcome(s, name, outcome)
+    intervention_panel(s, name, features, probabilities)
     st.divider()
     if s.is_video:
         explain_video(s, index, features, predicted)
@@ -440,9 +476,9 @@ def show_preview(s: EditorSession, p: EditPreview, title: str) -> None:
         st.markdown(md(f"This sample ({s.sample_ids[sample]}): {names[int(b.argmax())]} {percent(float(b.max()))} -> "
                        f"{names[int(a.argmax())]} {percent(float(a.max()))}"))
     flipped = p.flipped
-    fixed = sum(bool(p.after.correct[i]) for i in flipped)
-    st.markdown(f"{len(flipped)} samples change their prediction: {fixed} become right, "
-                f"{sum(bool(p.before.correct[i]) for i in flipped)} become wrong.")
+    fixed, broken = (sum(bool(outputs.correct[i]) for i in flipped) for outputs in (p.after, p.before))
+    st.markdown(f"{len(flipped)} samples change their prediction: {fixed} become right, {broken} become wrong, "
+                f"{len(flipped) - fixed - broken} go from one wrong class to another.")
     if flipped:
         st.dataframe(pd.DataFrame({
             "sample": [s.sample_ids[i] for i in flipped],

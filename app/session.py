@@ -291,6 +291,7 @@ class OpenedData:
     sequences: VideoSequences | None = None
     outputs: ModelOutputs | None = None
     _thumbnails: dict[int, Image.Image] = field(default_factory=dict, repr=False)
+    _thumbnail_png: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, model_path: str | Path | None = None, data_spec: str | None = None,
@@ -326,6 +327,16 @@ class OpenedData:
                 windows = self._windows(i)
                 self._thumbnails[i] = self._window_frame(windows[len(windows) // 2])
         return self._thumbnails[i]
+
+    def thumbnail_png(self, i: int, size: int = 144) -> bytes:
+        """Sample ``i``'s thumbnail as PNG bytes at most ``size`` pixels wide, encoded once (the grid redraws it)."""
+        if i not in self._thumbnail_png:
+            image = self.thumbnail(i).copy()
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            self._thumbnail_png[i] = buffer.getvalue()
+        return self._thumbnail_png[i]
 
     def video_frames(self, i: int) -> list[Image.Image]:
         """Video ``i``'s frame strip: one frame per window in time order, the middle one of the frames the model
@@ -429,6 +440,12 @@ class EditorSession:
         if full not in self._memo:
             self._memo[full] = compute()
         return self._memo[full]
+
+    def forget(self, name: str) -> None:
+        """Drop everything kept for sample ``name`` (a new upload under the same file name)."""
+        self.interventions.pop(name, None)
+        for key in [key for key in self._memo if name in key[1:]]:
+            del self._memo[key]
 
     def concept_range(self, k: int) -> tuple[float, float]:
         """A slider's range for concept ``k``: the values it takes on the data and its "low"/"high" references."""

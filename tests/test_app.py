@@ -229,6 +229,12 @@ def test_prune_preview_apply_undo_save_and_reload(app, setup, tmp_path):
     assert "Edits in this session: 1; in the model's history: 1" in [plain(c.value) for c in app.sidebar.caption]
     assert "Edits in this model's history: 1" in texts(app)
     # pruning it again says so and adds nothing
+    per_class = next(d.value for d in app.dataframe if "accuracy after" in d.value.columns).set_index("class")
+    pruned_model = load(setup["model"]).edit("prune", "reddish")[0]
+    for name, row in per_class.iterrows():
+        rows = session.labels == session.model.class_index(name)
+        assert row["accuracy after"] == pytest.approx(pruned_model.score(session.embeddings.features[rows],
+                                                                         session.labels[rows]))
     assert any("reddish is already pruned for all classes" in t for t in texts(app))
     assert app.button(key="prune").disabled
     with pytest.raises(ValueError, match="already pruned"):
@@ -345,3 +351,23 @@ def test_a_real_upload_is_predicted(app):
         [Image.new("RGB", (50, 50), COLOURS[2])]))[0])]
     assert any(t.startswith(f"Prediction: {expected}") for t in texts(app))
     assert [s.key for s in app.slider if s.key.startswith("c|upload:blue.png|")]
+
+
+def test_an_energy_model_recomputes_only_what_changed(setup, monkeypatch):
+    """A slider move or a filter change re-infers one sample at most (the model's outputs on the data are kept
+    per model version), so an energy model stays usable on a real dataset."""
+    app = open_editor(setup, monkeypatch, "energy_model")
+    session, _, name, _ = shown_sample(app)
+    inferred = []
+    original = EnergyCBM.infer
+    monkeypatch.setattr(EnergyCBM, "infer", lambda self, x, *args, **kwargs: inferred.append(len(x)) or original(
+        self, x, *args, **kwargs))
+    slider = concept_slider(app)
+    slider.set_value(slider.max).run()
+    assert not app.exception and session.intervention(name)
+    assert inferred and max(inferred) == 1, inferred  # the sample alone, never the whole data
+    inferred.clear()
+    app.radio(key="correctness").set_value("correct").run()
+    app.selectbox(key="class_filter").set_value("green").run()
+    assert not app.exception
+    assert max(inferred, default=0) <= 1, inferred
