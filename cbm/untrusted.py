@@ -25,8 +25,6 @@ __all__ = ["CONTROL_CHARACTERS", "FORMULA_STARTS", "TerminalLogFormatter", "for_
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
-#: ASCII punctuation that Markdown (CommonMark, Streamlit's colour/icon directives, math, HTML) may interpret.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&])")
 
 
 def for_utf8(text: Any) -> str:
@@ -69,14 +67,6 @@ def for_matplotlib(text: Any) -> str:
     """``text`` as matplotlib draws it literally: dollar signs escaped so no mathtext is parsed; control
     characters and undecodable bytes shown as escapes as in :func:`for_terminal` (no font draws them)."""
     return for_terminal(text).replace("$", r"\$")
-
-
-def for_markdown(text: Any) -> str:
-    """``text`` as Markdown (Streamlit's markdown, captions, messages and widget labels) shows it literally:
-    every punctuation character Markdown may interpret is backslash-escaped (emphasis, links, headings, lists,
-    HTML, ``$`` math, ``:red[...]`` directives), line breaks become spaces, and control characters and
-    undecodable bytes are shown as escapes as in :func:`for_terminal`."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", for_terminal(str(text).replace("\r\n", " ").replace("\n", " ")))
 
 
 #: What Streamlit's markdown (and its widget labels) could read as syntax: CommonMark's punctuation, ``$`` math,
