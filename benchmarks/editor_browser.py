@@ -45,6 +45,8 @@ SIDEBAR = '[data-testid="stSidebar"]'
 STATUS_WIDGET = '[data-testid="stStatusWidget"]'
 APP = '[data-testid="stApp"]'
 SELECTBOX = '[data-testid="stSelectbox"]'
+SLIDER = '[data-testid="stSlider"]'
+WIDGET_LABEL = '[data-testid="stWidgetLabel"]'
 OPTION = '[role="option"]'
 
 # Counts the script runs the page has finished (``data-test-script-state`` leaving "running"), so that an action
@@ -240,16 +242,19 @@ def wait_text(page: Any, text: str, timeout_ms: float = TIMEOUT_MS) -> None:
 
 
 def main_slider(page: Any, concept: str) -> Any:
-    """The thumb of the main area's slider labelled ``concept`` (not the sidebar's filters): the element with the
-    slider role (an ``input type=range``) whose aria-label is the concept's name as given."""
-    main = page.locator(MAIN)
-    return main.get_by_role("slider").and_(main.locator(f"[aria-label={json.dumps(concept)}]")).first
+    """The thumb (the element with the slider role, an ``input type=range``) of the main area's slider whose
+    label shows ``concept`` (not the sidebar's filters). Matched on the label as rendered, so an editor that
+    escapes markdown in labels and one that does not are driven alike."""
+    label = page.locator(WIDGET_LABEL).get_by_text(concept, exact=True)
+    return page.locator(MAIN).locator(SLIDER).filter(has=label).get_by_role("slider").first
 
 
-def slider_labels(page: Any) -> list[str]:
-    """The labels of the main area's sliders (the concept names), top to bottom."""
-    return [label for label in page.locator(MAIN).get_by_role("slider").evaluate_all(
-        "thumbs => thumbs.map(t => t.getAttribute('aria-label'))") if label]
+def slider_labels(page: Any, timeout_ms: float = 30_000) -> list[str]:
+    """The labels of the main area's sliders as shown (the concept names), top to bottom; waits up to
+    ``timeout_ms`` for the first one."""
+    sliders = page.locator(MAIN).locator(SLIDER)
+    sliders.first.wait_for(timeout=timeout_ms)
+    return [text.strip() for text in sliders.locator(WIDGET_LABEL).all_inner_texts()]
 
 
 def move_slider(page: Any, concept: str, steps: int = 0, *, to: str | None = None) -> None:
