@@ -263,8 +263,9 @@ def one_series(what: str, index: list[str], values) -> pd.DataFrame:
 
 def bars(frame: pd.DataFrame, value_label: str) -> None:
     """Horizontal bars, largest (after the change) on top, every row labelled; grouped when before/after."""
+    frame = frame.sort_values(frame.columns[-1], ascending=False)
     series = len(frame.columns)
-    st.bar_chart(frame, horizontal=True, stack=False, sort=f"-{frame.columns[-1]}", x_label="", y_label=value_label,
+    st.bar_chart(frame, horizontal=True, stack=False, sort=False, x_label="", y_label=value_label,
                  height=70 + len(frame) * (14 + 10 * series))
 
 
