@@ -209,15 +209,22 @@ def reset_all(s: EditorSession, name: str) -> None:
     s.reset(name)
 
 
-def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoSequences) -> None:
+def influence(s: EditorSession, name: str, features: torch.Tensor | VideoSequences, current: torch.Tensor) -> torch.Tensor:
+    """Each concept's largest contribution to any class [K] (for a video, its weight times its pooled value)."""
+    def compute() -> torch.Tensor:
+        if s.is_video:
+            return s.model.contributions(features)[0].abs().amax(0)
+        return s.model.contributions(features, current[None])[0].abs().amax(0)
+    return s.memo(("influence", name), compute)
+
+
+def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoSequences, current: torch.Tensor) -> None:
     """Sliders for the most influential concepts, the corrected ones, or those matching the search. Their
     values live in the session, so searching, paging or hiding a slider loses nothing."""
     model = s.model
-    current = s.memo(("concepts", name), lambda: s.concept_values(features)[0])
-    influence = s.memo(("influence", name), lambda: model.contributions(features)[0].abs().amax(0))
     values = s.intervention(name)
     query = st.text_input("Search concepts", key="concept_search").strip().lower()
-    order = influence.argsort(descending=True).tolist()
+    order = influence(s, name, features, current).argsort(descending=True).tolist()
     if query:
         shown = [k for k in order if query in model.concept_names[k].lower()][:SEARCH_SHOWN]
     else:
@@ -326,7 +333,7 @@ def concept_shifts(s: EditorSession, name: str, outcome: InterventionOutcome, to
 
 
 def show_unchanged(s: EditorSession, name: str, features: torch.Tensor | VideoSequences,
-                   probabilities: torch.Tensor) -> None:
+                   probabilities: torch.Tensor, current: torch.Tensor) -> None:
     """The right-hand column before any correction: the probabilities and the contributions as they are."""
     model = s.model
     names = model.class_names
@@ -335,7 +342,8 @@ def show_unchanged(s: EditorSession, name: str, features: torch.Tensor | VideoSe
     rows = probabilities.argsort(descending=True)[:CHART_ROWS].tolist()
     bars(one_series("class", [names[r] for r in rows], probabilities[rows]), "probability")
     if not s.is_video:
-        contributions = s.memo(("contributions", name), lambda: model.contributions(features)[0, predicted])
+        contributions = s.memo(("contributions", name),
+                               lambda: model.contributions(features, current[None])[0, predicted])
         rows = contributions.abs().argsort(descending=True)[:CHART_ROWS].tolist()
         st.markdown(md(f"Concept contributions to {names[predicted]}"))
         bars(one_series("concept", [model.concept_names[r] for r in rows], contributions[rows]),
@@ -382,7 +390,7 @@ def explain_video(s: EditorSession, index: int, video: VideoSequences, predicted
 
 @st.fragment
 def intervention_panel(s: EditorSession, name: str, features: torch.Tensor | VideoSequences,
-                       probabilities: torch.Tensor) -> None:
+                       probabilities: torch.Tensor, current: torch.Tensor) -> None:
     """The sliders and, beside them, what they do. A slider move reruns only this panel."""
     controls, results = st.columns([3, 2], gap="large")
     with controls:
@@ -390,11 +398,11 @@ def intervention_panel(s: EditorSession, name: str, features: torch.Tensor | Vid
         if s.is_video:
             st.caption("A slider sets its concept in every window of the video; it starts at the video-level value "
                        "(the model's pooling of the windows' values).")
-        concept_sliders(s, name, features)
+        concept_sliders(s, name, features, current)
     with results:
         outcome = s.outcome(name, features)
         if outcome is None:
-            show_unchanged(s, name, features, probabilities)
+            show_unchanged(s, name, features, probabilities, current)
         elif show_outcome(s, name, outcome):
             st.rerun()  # the audit trail tab shows the new entry at once
 
@@ -409,8 +417,7 @@ def explore(s: EditorSession, filters: tuple) -> None:
         truth = int(s.labels[index])
         picked = s.sample_ids[index], s.sample(index), None
     name, features, image = picked
-    probabilities = s.outputs().probabilities[index] if index is not None else s.memo(
-        ("probabilities", name), lambda: torch.as_tensor(s.model.predict_proba(features))[0])
+    probabilities, current = s.before(name, features, index)
     predicted = int(probabilities.argmax())
     st.divider()
     if s.is_video:
@@ -424,7 +431,7 @@ def explore(s: EditorSession, filters: tuple) -> None:
         with right:
             st.caption(md(f"sample: {name}"))
             show_prediction(s, probabilities, truth)
-    intervention_panel(s, name, features, probabilities)
+    intervention_panel(s, name, features, probabilities, current)
     st.divider()
     if s.is_video:
         explain_video(s, index, features, predicted)
@@ -551,6 +558,12 @@ def main() -> None:
         st.error(f"Cannot open the model: {md(error)}")
         st.stop()
     OPENING.empty()
+    progress = st.empty()  # drawn on every run, so the tabs below keep their place
+    if not s.outputs().ready:
+        progress.info(f"Running the model on the {len(s.sample_ids)} {'videos' if s.is_video else 'samples'} (once "
+                      "per model version, shared by every browser session)...")
+        s.outputs().probabilities
+        progress.empty()
     show_flash()
     filters = sidebar(s)
     explore_tab, edit_tab, trail_tab = st.tabs(["Explore and intervene", "Edit the model", "Audit trail"])

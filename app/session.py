@@ -94,10 +94,25 @@ class ModelOutputs:
         self._concepts: torch.Tensor | None = None
 
     @property
+    def ready(self) -> bool:
+        """Whether the outputs are computed (the first use runs the model on every sample)."""
+        return self._probabilities is not None
+
+    @property
     def probabilities(self) -> torch.Tensor:
         if self._probabilities is None:
-            self._probabilities = torch.as_tensor(self.model.predict_proba(self.inputs))
+            self._compute()
         return self._probabilities
+
+    def _compute(self) -> None:
+        """Probabilities and concepts of every sample: one pass of an image model (``intervention(x, {})``)."""
+        model = self.model
+        if isinstance(model, TemporalCBM):
+            self._probabilities = torch.as_tensor(model.predict_proba(self.inputs))
+            self._concepts = model.pooled_concepts(self.inputs)
+        else:
+            logits, self._concepts = model.intervention(self.inputs, {})
+            self._probabilities = torch.softmax(logits, dim=1)
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -116,8 +131,7 @@ class ModelOutputs:
     def concepts(self) -> torch.Tensor:
         """The model's concepts of every sample (of a video: its pooled, video-level concepts)."""
         if self._concepts is None:
-            model = self.model
-            self._concepts = model.pooled_concepts(self.inputs) if isinstance(model, TemporalCBM) else model.concepts(self.inputs)
+            self._compute()
         return self._concepts
 
     def class_accuracy(self) -> np.ndarray:
@@ -171,38 +185,39 @@ def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor |
     window embeddings, where ``model.intervene`` sets each value in every window).
 
     The drivers measure the margin that decides between classes: logit(new) - logit(old) when the prediction
-    changed, else logit(predicted) - logit(its closest rival after the change)."""
-    video = isinstance(model, TemporalCBM)
-    logits = model.decision_function(features)[0]
-    after_logits = model.intervene(features, changed)[0]
-    old, new = int(logits.argmax()), int(after_logits.argmax())
+    changed, else logit(predicted) - logit(its closest rival after the change). An image model runs once, on
+    a batch of the sample before, with every correction, and with each correction alone."""
+    names = list(changed)
+    alone = names if len(names) > 1 else []  # with one correction, it alone is the whole change
+    if isinstance(model, TemporalCBM):
+        logits = torch.cat([model.decision_function(features), model.intervene(features, changed),
+                            *(model.intervene(features, {name: changed[name]}) for name in alone)])
+        concepts = model.pooled_concepts(features).expand(2, -1).clone()
+        for name, value in changed.items():
+            concepts[1, model.concept_index(name)] = value
+    else:
+        columns = [model.concept_index(name) for name in names]
+        rows = 2 + len(alone)
+        mask = torch.zeros(rows, len(model.concept_names), dtype=torch.bool)
+        values = torch.zeros(mask.shape)
+        for row, chosen in enumerate([[], columns, *([c] for c in columns[:len(alone)])]):
+            mask[row, chosen] = True
+            values[row, chosen] = torch.tensor([changed[model.concept_names[c]] for c in chosen])
+        logits, concepts = model.intervention(features.expand(rows, -1), (mask, values))
+    old, new = int(logits[0].argmax()), int(logits[1].argmax())
     if new != old:
         rival = old
     else:
-        others = after_logits.clone()
+        others = logits[1].clone()
         others[new] = -float("inf")
         rival = int(others.argmax())
-
-    def margin(row: torch.Tensor) -> float:
-        return float(row[new] - row[rival])
-
-    base = margin(logits)
-    drivers = {concept: margin(model.intervene(features, {concept: value})[0]) - base
-               for concept, value in changed.items()}
-    if video:
-        concepts_before = model.pooled_concepts(features)[0]
-        concepts_after = concepts_before.clone()
-        for concept, value in changed.items():
-            concepts_after[model.concept_index(concept)] = value
-        contributions = (None, None)
-    else:
-        concepts_before = model.concepts(features)
-        concepts_after = model.intervened_concepts(features, changed)
-        contributions = (model.contributions(features, concepts_before)[0, new],
-                         model.contributions(features, concepts_after)[0, new])
-        concepts_before, concepts_after = concepts_before[0], concepts_after[0]
-    return InterventionOutcome(torch.softmax(logits, 0), torch.softmax(after_logits, 0), concepts_before,
-                               concepts_after, drivers, margin(after_logits) - base, rival, *contributions)
+    margins = logits[:, new] - logits[:, rival]
+    margin = float(margins[1] - margins[0])
+    drivers = {name: float(margins[2 + i] - margins[0]) for i, name in enumerate(alone)} or {names[0]: margin}
+    contributions = (None, None) if isinstance(model, TemporalCBM) else tuple(
+        model.contributions(features.expand(2, -1), concepts[:2])[:, new])
+    return InterventionOutcome(torch.softmax(logits[0], 0), torch.softmax(logits[1], 0), concepts[0], concepts[1],
+                               drivers, margin, rival, *contributions)
 
 
 @dataclass
@@ -427,12 +442,17 @@ class EditorSession:
     def validation_accuracy(self) -> float:
         return self.outputs().accuracy
 
-    def concept_values(self, x: torch.Tensor | VideoSequences | None = None) -> torch.Tensor:
-        """The concept values the sliders start from, one row per sample [N, K] (all samples when ``x`` is
-        None): the model's concepts of an image, or of a video its pooled (video-level) concepts."""
-        if x is None:
-            return self.outputs().concepts
-        return self.model.pooled_concepts(x) if self.is_video else self.model.concepts(x)
+    def before(self, name: str, features: torch.Tensor | VideoSequences,
+               index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class probabilities [C], concepts [K]) of sample ``name`` before any correction: from the outputs on
+        the data for sample ``index``, else (an upload) from one pass of the model, kept."""
+        if index is not None:
+            return self.outputs().probabilities[index], self.outputs().concepts[index]
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            logits, concepts = self.model.intervention(features, {})
+            return torch.softmax(logits[0], 0), concepts[0]
+        return self.memo(("before", name), compute)
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()`` for the current model version and ``key``, computed once (explanations of a sample)."""

@@ -338,17 +338,22 @@ class ConceptBottleneckModel(ClassifierMixin, BaseEstimator):
                              f"got shape {tuple(value.shape)}.")
         return column, value
 
+    def intervention(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, C], concepts [N, K]) after the intervention ``values`` (as for ``intervene``), in one pass:
+        the logits and the concepts the head read them from (the given values where set, the model's own
+        elsewhere; families whose other concepts respond re-infer them), so that ``contributions(x, concepts)``
+        decomposes the logits. ``intervention(x, {})`` is ``(decision_function(x), concepts(x))``."""
+        features, _, changed = self.intervention_values(x, values)
+        return self._logits(features, changed), changed
+
     def intervened_concepts(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
-        """The concepts [N, K] the head reads after the intervention ``values`` (as for ``intervene``): the given
-        values where set, the model's own elsewhere (families whose other concepts respond re-infer them), so
-        that ``contributions(x, intervened_concepts(x, values))`` decomposes ``intervene(x, values)``."""
-        return self.intervention_values(x, values)[2]
+        """The concepts [N, K] the head reads after the intervention ``values`` (see ``intervention``)."""
+        return self.intervention(x, values)[1]
 
     def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
         """Logits after setting concepts: ``{name: value}`` (a number, one per sample, or a reference
         name such as "high") or ``(mask [N,K], values [N,K])`` for per-sample batched edits."""
-        features, _, changed = self.intervention_values(x, values)
-        return self._logits(features, changed)
+        return self.intervention(x, values)[0]
 
     # ------------------------------------------------------------------ bundles
     def save(self, path: str | Path, *, metrics: dict[str, float] | None = None) -> Path:

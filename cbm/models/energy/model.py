@@ -486,24 +486,17 @@ class EnergyCBM(EnergyConditionals, ProbabilityReferences, ConceptBottleneckMode
         return Propagation(mask, before.concept_probs, after.concept_probs, before.logits, after.logits,
                            list(self.concept_names_), list(self.class_names_))
 
-    def intervened_concepts(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
-        """The concept probabilities [N, K] after fixing ``values`` and letting the others respond (``propagate``):
-        the concepts ``intervene`` reads its logits from."""
+    def intervention(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits [N, C], concept probabilities [N, K]) after fixing concepts and letting the rest respond
+        (see ``propagate``): with nothing fixed, one inference gives ``decision_function(x)`` and ``concepts(x)``
+        exactly; rows with every concept fixed get the exact read-out at the given concepts (no inference)."""
         features = self._features(x)
         mask, given = self._intervention_mask(len(features), values)
-        if mask.all():
-            return self.infer(features, mask, given).concept_probs
-        return self.propagate(features, (mask, given)).concepts_after
-
-    def intervene(self, x: Any, values: Mapping[str, Any] | tuple[Any, Any]) -> torch.Tensor:
-        """Class logits [N, C] after fixing concepts and letting the rest respond (see ``propagate``): an
-        empty intervention gives ``decision_function(x)`` exactly; rows with every concept fixed get the
-        exact read-out at the given concepts (no inference)."""
-        features = self._features(x)
-        mask, given = self._intervention_mask(len(features), values)
-        if mask.all():
-            return finite_output(self.infer(features, mask, given).logits)
-        return finite_output(self.propagate(features, (mask, given)).logits_after)
+        if mask.any() and not mask.all():
+            moved = self.propagate(features, (mask, given))
+            return finite_output(moved.logits_after), moved.concepts_after
+        inference = self.infer(features, mask, given) if mask.any() else self.infer(features)
+        return finite_output(inference.logits), inference.concept_probs
 
     # ------------------------------------------------------------------ explanations
     def contribution_baseline(self) -> torch.Tensor:

@@ -322,6 +322,13 @@ class TemporalCBM(ConceptBottleneckModel):
         y = as_labels(y, len(predicted), len(self.class_names_)).numpy()
         return float(np.average(predicted == y, weights=sample_weight))
 
+    def intervention(self, x: SequenceInput, values: Mapping[str, Any] | tuple[Any, Any]) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Not offered: a video's concepts are per window and pooled per class, so there is no one concept vector
+        that the logits are read from; use ``intervene`` (logits) and ``explain`` (per-window concepts)."""
+        raise TypeError(f"{type(self).__name__} has per-window concepts: use intervene(x, values) for the logits and "
+                        "explain(x) for the concepts of each window.")
+
     def intervene(self, x: SequenceInput, values: Mapping[str, Any] | tuple[Any, Any] | None = None,
                   **options: Any) -> torch.Tensor:
         """Logits [B, C] after interventions: ``values`` on the bottleneck concepts and any option
