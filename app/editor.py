@@ -32,7 +32,7 @@ from cbm.data.base import ImageReadError  # noqa: E402
 from cbm.models import VideoSequences  # noqa: E402
 from cbm.untrusted import for_markdown  # noqa: E402
 from explain import EvalData, counterfactual, explain_samples, make_view  # noqa: E402
-from explain.plots import contribution_figure, timeline_figure  # noqa: E402
+from explain.plots import timeline_figure  # noqa: E402
 
 SLIDERS_SHOWN = 12
 SEARCH_SHOWN = 40
@@ -342,25 +342,31 @@ def show_unchanged(s: EditorSession, name: str, features: torch.Tensor | VideoSe
     rows = probabilities.argsort(descending=True)[:CHART_ROWS].tolist()
     bars(one_series("class", [names[r] for r in rows], probabilities[rows]), "probability")
     if not s.is_video:
-        contributions = s.memo(("contributions", name),
-                               lambda: model.contributions(features, current[None])[0, predicted])
-        rows = contributions.abs().argsort(descending=True)[:CHART_ROWS].tolist()
-        st.markdown(md(f"Concept contributions to {names[predicted]}"))
-        bars(one_series("concept", [model.concept_names[r] for r in rows], contributions[rows]),
+        e = explanation(s, name, features)
+        labels = [concept for concept, _, _ in e.top] + ["all other concepts", "not from concepts"]
+        st.markdown(md(f"Why {names[predicted]}: contributions to its logit (they add up to it)"))
+        bars(one_series("concept", labels, [value for _, _, value in e.top] + [e.other, e.rest]),
              f"contribution to the logit of {names[predicted]}")
 
 
-def explain_image(s: EditorSession, name: str, features: torch.Tensor, predicted: int) -> None:
-    """Why the model predicted what it did (its top contributions), and the smallest change that flips it:
-    at once where the search is cheap (additive heads), on request where every try re-runs the model."""
-    view = s.memo(("view", name), lambda: make_view(s.model, EvalData(features, None, ids=[name])))
-    explanation = s.memo(("explanation", name), lambda: explain_samples(view, rows=[0], k=12, counterfactuals=False)[0])
-    st.subheader(md(f"Why {s.model.class_names[predicted]}: concept contributions"))
-    st.image(s.memo(("figure", name), lambda: png(contribution_figure(explanation))))
-    key = ("counterfactual", name)
+def sample_view(s: EditorSession, name: str, features: torch.Tensor):
+    """``explain``'s view of one sample under the current model version (kept)."""
+    return s.memo(("view", name), lambda: make_view(s.model, EvalData(features, None, ids=[name])))
+
+
+def explanation(s: EditorSession, name: str, features: torch.Tensor):
+    """The sample's top contributions to its predicted class, the other concepts' and the rest (``explain``)."""
+    return s.memo(("explanation", name), lambda: explain_samples(sample_view(s, name, features), rows=[0],
+                                                                 k=CHART_ROWS, counterfactuals=False)[0])
+
+
+def counterfactual_section(s: EditorSession, name: str, features: torch.Tensor) -> None:
+    """The smallest change that flips the prediction: at once where the search is cheap (additive heads), on
+    request where every try re-runs the model."""
+    view = sample_view(s, name, features)
     if view.additive or st.session_state.get("search_counterfactual") == (id(s.model), name):
         with st.spinner("Searching the smallest change that flips it..."):
-            found = s.memo(key, lambda: counterfactual(view, row=0))
+            found = s.memo(("counterfactual", name), lambda: counterfactual(view, row=0))
         st.markdown("**Smallest change that flips it:** " + md(found.describe()))
     else:
         st.button("Find the smallest change that flips it", key="counterfactual", on_click=search_counterfactual,
@@ -436,7 +442,7 @@ def explore(s: EditorSession, filters: tuple) -> None:
     if s.is_video:
         explain_video(s, index, features, predicted)
     else:
-        explain_image(s, name, features, predicted)
+        counterfactual_section(s, name, features)
 
 
 # ---------------------------------------------------------------------------------------------- editing
