@@ -153,8 +153,8 @@ class InterventionOutcome:
 
     before: torch.Tensor  # [C]
     after: torch.Tensor  # [C]
-    concepts_before: torch.Tensor  # [K]
-    concepts_after: torch.Tensor  # [K]
+    concepts_before: torch.Tensor | None  # [K] (None for video models)
+    concepts_after: torch.Tensor | None
     drivers: dict[str, float]
     margin: float
     rival: int
@@ -192,9 +192,7 @@ def intervention_outcome(model: ConceptBottleneckModel, features: torch.Tensor |
     if isinstance(model, TemporalCBM):
         logits = torch.cat([model.decision_function(features), model.intervene(features, changed),
                             *(model.intervene(features, {name: changed[name]}) for name in alone)])
-        concepts = model.pooled_concepts(features).expand(2, -1).clone()
-        for name, value in changed.items():
-            concepts[1, model.concept_index(name)] = value
+        concepts = (None, None)  # a video's concepts are per window: none is read as one vector
     else:
         columns = [model.concept_index(name) for name in names]
         rows = 2 + len(alone)
@@ -232,7 +230,6 @@ class EditPreview:
     record: Any
     before: ModelOutputs
     after: ModelOutputs | None
-    reason: str = ""
 
     @property
     def flipped(self) -> list[int]:
@@ -436,9 +433,6 @@ class EditorSession:
             self._outputs[key] = ModelOutputs(model, self.inputs, self.labels)
         return self._outputs[key]
 
-    def probabilities(self) -> torch.Tensor:
-        return self.outputs().probabilities
-
     def validation_accuracy(self) -> float:
         return self.outputs().accuracy
 
@@ -521,7 +515,7 @@ class EditorSession:
         return entry
 
     # ------------------------------------------------------------------ editing the model
-    def preview_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> EditPreview:
+    def preview_edit(self, concept: str, classes: list[str] | None) -> EditPreview:
         """What pruning ``concept`` for ``classes`` (all when None) would do, computed once per version; classes
         for which it is pruned already are left out (``already``; no edit when nothing is left)."""
         def compute() -> EditPreview:
@@ -535,13 +529,11 @@ class EditorSession:
                                              else remaining)
             return EditPreview(concept, classes, [c for c in targets if c in already], edited, record, before,
                                self.outputs(edited))
-        preview = self.memo(("preview", concept, None if classes is None else tuple(classes)), compute)
-        preview.reason = reason
-        return preview
+        return self.memo(("preview", concept, None if classes is None else tuple(classes)), compute)
 
     def apply_edit(self, concept: str, classes: list[str] | None, reason: str = "") -> EditPreview:
         """Apply the previewed prune (see ``preview_edit``); a ValueError when it is pruned there already."""
-        preview = self.preview_edit(concept, classes, reason)
+        preview = self.preview_edit(concept, classes)
         if preview.edited is None:
             raise ValueError(f"{concept!r} is already pruned for {preview.target}; nothing to do.")
         preview.record.reason = reason
@@ -613,7 +605,7 @@ class EditorSession:
     # ------------------------------------------------------------------ export
     def trail_rows(self) -> list[dict[str, Any]]:
         """The trail as rows of ``TRAIL_FIELDS`` (the table, the JSON and the CSV show the same fields)."""
-        return [{name: asdict(entry)[name] for name in TRAIL_FIELDS} for entry in self.trail]
+        return [{name: row[name] for name in TRAIL_FIELDS} for row in map(asdict, self.trail)]
 
     def trail_json(self) -> str:
         return json.dumps(self.trail_rows(), indent=2)

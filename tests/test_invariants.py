@@ -329,3 +329,34 @@ def test_contributions_after_an_intervention_add_up_to_the_intervened_logits(fit
     assert torch.allclose(model.contributions(x, concepts), model.contributions(x), atol=ATOL), name
     with pytest.raises(ValueError, match="rows"):
         model.contributions(x, concepts[:3])
+
+
+@pytest.mark.parametrize("fitted", IMAGE_FAMILIES, indirect=True)
+def test_the_editors_intervention_outcome_is_the_models_own(fitted):
+    """What the editor shows after sliders move (app.session.intervention_outcome): probabilities before and after
+    are the model's, each driver is the model's own margin change for that correction alone, and the
+    contributions after decompose the intervened logits with the family's rest."""
+    from app.session import intervention_outcome
+
+    name, model, data = fitted
+    x = data.features[:1]
+    concepts = model.concepts(x)[0]
+    first, second = model.concept_names[:2]
+    changed = ({first: 1.0, second: 0.0} if name == "energy"
+               else {first: float(concepts[0]) + 2.0, second: float(concepts[1]) - 2.0})
+    outcome = intervention_outcome(model, x, changed)
+    before, after = model.decision_function(x)[0], model.intervene(x, changed)[0]
+    assert torch.allclose(outcome.before, torch.softmax(before, 0), atol=ATOL), name
+    assert torch.allclose(outcome.after, torch.softmax(after, 0), atol=1e-3), name
+    new, rival = outcome.predicted_after, outcome.rival
+
+    def margin(logits: torch.Tensor) -> float:
+        return float(logits[new] - logits[rival])
+
+    assert outcome.margin == pytest.approx(margin(after) - margin(before), abs=1e-3), name
+    for concept, value in changed.items():
+        alone = model.intervene(x, {concept: value})[0]
+        assert outcome.drivers[concept] == pytest.approx(margin(alone) - margin(before), abs=1e-3), (name, concept)
+    concepts_after = model.intervened_concepts(x, changed)
+    rest = model.contribution_rest(x, concepts_after) if name == "energy" else documented_rest(name, model, x)
+    assert float(outcome.contributions_after.sum() + rest[0, new]) == pytest.approx(float(after[new]), abs=1e-3), name
