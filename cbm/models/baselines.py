@@ -33,7 +33,7 @@ class LinearProbe:
     C chosen on validation accuracy over a log grid and then refined around the best (CoOp's protocol).
 
     The objective is scikit-learn's (``C * sum of cross-entropies + ||W||^2 / 2``, intercept unpenalised),
-    solved full-batch with torch L-BFGS in float64, each fit warm-started from the nearest C tried so far:
+    solved full-batch with torch L-BFGS in float32, each fit warm-started from the nearest C tried so far:
     scikit-learn's lbfgs needs minutes on separable few-shot data at large C.
     """
 
@@ -45,26 +45,36 @@ class LinearProbe:
         self.max_iter = max_iter
 
     def _prepare(self, x: Any) -> torch.Tensor:
-        x = as_matrix(x, "x").double()
+        x = as_matrix(x, "x").float()
         if self.normalize:
             x = nn.functional.normalize(x, dim=1)
         return x
 
-    def _solve(self, x: torch.Tensor, y: torch.Tensor, c: float, start: torch.Tensor) -> torch.Tensor:
-        params = start.clone().requires_grad_(True)
-        optimiser = torch.optim.LBFGS([params], lr=1, max_iter=self.max_iter, tolerance_grad=1e-7,
+    def _solve(self, x: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, c: float, start: torch.Tensor) -> torch.Tensor:
+        """Parameters [D+1, K] (weights, then the intercept) at ``C = c``, from ``start``; ``x`` [N, D]
+        features and ``x_t`` their contiguous transpose.
+
+        The gradient is written out in class-major layout: both products then read a contiguous
+        matrix row by row ([K, D] @ [D, N] and [K, N] @ [N, D]), several times faster on CPU than autograd's
+        ``x.T @ residual``. Stops at scikit-learn's criterion: largest gradient entry of the mean-scaled
+        objective below 1e-4."""
+        n = len(x)
+        params = start.T.contiguous()  # [K, D+1]
+        params.grad = torch.zeros_like(params)
+        onehot = nn.functional.one_hot(y, params.shape[0]).T.to(x.dtype)  # [K, N]
+        optimiser = torch.optim.LBFGS([params], lr=1, max_iter=self.max_iter, tolerance_grad=1e-4,
                                       tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-        design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
 
         def closure() -> torch.Tensor:
-            optimiser.zero_grad()
-            loss = (nn.functional.cross_entropy(design @ params, y, reduction="mean")
-                    + params[:-1].pow(2).sum() / (2 * c * len(x)))
-            loss.backward()
-            return loss
+            weights = params[:, :-1]
+            log_probs = (weights @ x_t + params[:, -1:]).log_softmax(0)
+            residual = (log_probs.exp() - onehot) / n
+            params.grad[:, :-1] = residual @ x + weights / (c * n)
+            params.grad[:, -1] = residual.sum(1)
+            return -(log_probs * onehot).sum() / n + weights.pow(2).sum() / (2 * c * n)
 
         optimiser.step(closure)
-        return params.detach()
+        return params.T
 
     def fit(self, x: Any, y: Any = None, *, validation: Validation = None, seed: int = 0) -> LinearProbe:
         y = labels_of(x, y)
@@ -77,13 +87,14 @@ class LinearProbe:
         train_x, val_x = (train_x - self.mean_) / self.std_, (val_x - self.mean_) / self.std_
         n_classes = max(int(train_y.max()), int(val_y.max())) + 1
         tried: dict[float, tuple[float, torch.Tensor]] = {}
-        zeros = torch.zeros(train_x.shape[1] + 1, n_classes, dtype=torch.float64)
+        zeros = torch.zeros(train_x.shape[1] + 1, n_classes)
+        train_x_t = train_x.T.contiguous()
 
         def attempt(c: float) -> None:
             if c not in tried:  # warm start from the solution at the nearest C tried so far
                 nearest = min(tried, key=lambda t: abs(math.log(t / c)), default=None)
-                params = self._solve(train_x, train_y, c, zeros if nearest is None else tried[nearest][1])
-                logits = torch.cat([val_x, torch.ones(len(val_x), 1, dtype=val_x.dtype)], dim=1) @ params
+                params = self._solve(train_x, train_x_t, train_y, c, zeros if nearest is None else tried[nearest][1])
+                logits = val_x @ params[:-1] + params[-1]
                 tried[c] = (float((logits.argmax(1) == val_y).double().mean()), params)
 
         for c in sorted(float(c) for c in self.cs):
@@ -101,7 +112,7 @@ class LinearProbe:
 
     def decision_function(self, x: Any) -> torch.Tensor:
         features = (self._prepare(x) - self.mean_) / self.std_
-        return torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1) @ self.params_
+        return features @ self.params_[:-1] + self.params_[-1]
 
     def predict(self, x: Any) -> np.ndarray:
         return self.decision_function(x).argmax(1).numpy()
