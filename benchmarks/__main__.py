@@ -28,6 +28,8 @@ logger = logging.getLogger("benchmarks")
 RUNNER_SIZES: dict[str, dict] = {
     "embed": {"n": 96, "batch_size": 32, "repeats": 1, "memory_sizes": (1000, 10000), "memory_shard_size": 256},
     "cavs": {},
+    # cavs_from_labels: 16 concepts on 2,000 x 512 (the full 16 and 200 concepts on 6,000 x 1,280 take ~25 min)
+    "cavs_labels": {"module": "cavs", "measure": "measure_labels", "concepts": (16,), "n": 2000, "dim": 512},
     "probe": {"n": 2000, "dim": 512},
     "pcbm": {"n": 10_000, "scale_sizes": (10_000, 100_000)},
     "labo": {},

@@ -61,7 +61,7 @@ LABEL_CAV_POSITIVES = 500
 
 
 def label_cav_bank(train: Embeddings, seed: int = 0, max_positives: int | None = LABEL_CAV_POSITIVES) -> ConceptBank:
-    """CAVs learned from embeddings with concept labels (toy world, CUB, manifests): the Post-hoc CBM way,
-    with at most ``max_positives`` positive examples per concept (None: all)."""
+    """CAVs learned from embeddings with concept labels (toy world, CUB, manifests): the Post-hoc CBM way (SVC's
+    hinge loss), with at most ``max_positives`` positive examples per concept (None: all)."""
     return cavs_from_labels(train.features, train.concept_labels, train.concept_names, max_positives=max_positives,
-                            seed=seed, backbone=train.backbone_fingerprint)
+                            solver="torch", seed=seed, backbone=train.backbone_fingerprint)

@@ -251,6 +251,75 @@ def test_cavs_from_labels_samples_negatives_and_reports_skips():
     assert bank.stats["pos_count"].tolist() == [40, 40] and bank.stats["val_accuracy"].mean() > 0.9
 
 
+def labelled_features(n=400, dim=24, concepts=3, noise=0.15, seed=0):
+    """Non-negative, correlated features with binary concept labels, a share of them flipped (as real labels)."""
+    g = torch.Generator().manual_seed(seed)
+    truth = (torch.rand(n, concepts, generator=g) < 0.35).float()
+    mixing = torch.randn(4, dim, generator=g)
+    features = torch.relu(torch.randn(n, 4, generator=g) @ mixing + truth @ torch.randn(concepts, dim, generator=g)
+                          + torch.randn(n, dim, generator=g) + 0.5)
+    flipped = torch.rand(n, concepts, generator=g) < noise
+    return features, torch.where(flipped, 1 - truth, truth)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_newton_solver_reaches_linearsvcs_optimum(shared):
+    """squared_hinge_svm minimises LinearSVC's objective (the intercept a regularised constant feature) for
+    every problem and C at once, whether the problems share one feature matrix or bring their own rows."""
+    from sklearn.svm import LinearSVC
+
+    from concepts.cavs import squared_hinge_svm
+
+    features, labels = labelled_features()
+    y = (2 * labels - 1).T                                                # [K,N] in {-1,+1}
+    rows = torch.rand(y.shape, generator=torch.Generator().manual_seed(1)) < 0.7  # each problem its own subset
+    cs = (0.01, 0.1, 1.0)
+    x = features if shared else features.expand(len(y), -1, -1).contiguous()
+    weights, bias = squared_hinge_svm(x, y, rows, cs, tol=1e-5)
+    for k in range(len(y)):
+        for j, c in enumerate(cs):
+            svc = LinearSVC(C=c, tol=1e-6, max_iter=100_000).fit(features[rows[k]].numpy(), y[k, rows[k]].numpy())
+            theirs = torch.tensor(svc.coef_[0], dtype=torch.float32), torch.tensor(float(svc.intercept_[0]))
+
+            def objective(w, b):
+                slack = (1 - y[k, rows[k]] * (features[rows[k]] @ w + b)).clamp(min=0)
+                return float(0.5 * (w @ w + b * b) + c * (slack ** 2).sum())
+
+            ours = objective(weights[k, j], bias[k, j])
+            assert ours <= objective(*theirs) * (1 + 1e-4), (k, c)
+            assert torch.nn.functional.cosine_similarity(weights[k, j], theirs[0], dim=0) > 0.999
+
+
+def test_cavs_from_labels_shares_the_feature_matrix_yet_fits_each_concept_on_its_own_examples():
+    """The labelled-data path keeps one feature matrix for all concepts; every solver must still see exactly the
+    examples learn_cavs would (same seed, same split): the hinge solver gives the same CAVs both ways (one C: the
+    folds, dealt in row order, differ), and the default (newton) agrees with scikit-learn's LinearSVC on held-out
+    accuracy."""
+    features, labels = labelled_features(n=300)
+    names = ["x", "y", "z"]
+    shared = cavs_from_labels(features, labels, names, solver="torch", cs=(0.1,), max_positives=60, seed=2)
+    rng = np.random.default_rng(2)
+    positives, negatives = {}, {}
+    for k, name in enumerate(names):
+        present = labels[:, k] >= 0.5
+        pos = rng.choice(torch.nonzero(present).flatten().numpy(), size=60, replace=False)
+        neg = rng.choice(torch.nonzero(~present).flatten().numpy(), size=60, replace=False)
+        positives[name], negatives[name] = features[np.sort(pos)], features[np.sort(neg)]
+    padded = learn_cavs(positives, negatives, solver="torch", cs=(0.1,), seed=2)
+    # the same optimum up to the solver's tolerance (its sweeps visit the examples in another order)
+    assert (torch.nn.functional.cosine_similarity(shared.vectors, padded.vectors) > 0.99).all()
+    assert (shared.stats["val_accuracy"] - padded.stats["val_accuracy"]).abs().max() <= 0.02
+    for stat in ("pos_count", "neg_count"):
+        assert torch.equal(shared.stats[stat], padded.stats[stat]), stat
+
+    newton = cavs_from_labels(features, labels, names, seed=0)
+    reference = cavs_from_labels(features, labels, names, solver="liblinear", seed=0)
+    assert newton.provenance["solver"] == "newton" and reference.provenance["solver"] == "liblinear"
+    assert torch.equal(newton.stats["pos_count"], reference.stats["pos_count"])
+    assert newton.stats["val_accuracy"].mean() > 0.6  # chance: 0.5; the labels are 15% flipped
+    assert abs(newton.stats["val_accuracy"] - reference.stats["val_accuracy"]).max() < 0.02
+
+
 # ------------------------------------------------------------------------------------------ generators
 
 def test_class_concept_matrix_and_attribute_files(tmp_path):
