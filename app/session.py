@@ -12,8 +12,11 @@ disk are shared between sessions (``OpenedData``, read-only); everything a perso
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,20 +27,27 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from cbm.backbones import Backbone
-from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, read_image_bytes
+from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, digest, read_image_bytes
 from cbm.data.registry import load_dataset
 from cbm.data.toy import VIDEO_CLASS_NAMES
-from cbm.embed import Embeddings, default_cache_dir, embed
+from cbm.embed import Embeddings, cache_secret, default_cache_dir, embed
+from cbm.files import atomic_path
 from cbm.models import ConceptBottleneckModel, TemporalCBM, VideoSequences, load, sequences_from_windows
+from cbm.models.bundle import tensor_digest
 from cbm.untrusted import for_csv
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATA = "toy:images@val"
 DEFAULT_VIDEO_DATA = "toy:videos@val"
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "bmp", "webp")
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 PRUNE_ACTIONS = ("prune", "prune_normalize")
+OUTPUTS_FORMAT = 1
 
 
 def read_upload(name: str, data: bytes) -> Image.Image:
@@ -86,10 +96,12 @@ class ModelOutputs:
     """One model version's outputs on the session's data, each computed on first use and then kept:
     class probabilities [N, C] and the concept values the sliders start from [N, K]."""
 
-    def __init__(self, model: ConceptBottleneckModel, inputs: Embeddings | VideoSequences, labels: torch.Tensor) -> None:
+    def __init__(self, model: ConceptBottleneckModel, inputs: Embeddings | VideoSequences, labels: torch.Tensor,
+                 store: Path | None = None) -> None:
         self.model = model
         self.inputs = inputs
         self.labels = labels
+        self.store = store  # where these outputs are kept between runs (see OpenedData.open); None: nowhere
         self._probabilities: torch.Tensor | None = None
         self._concepts: torch.Tensor | None = None
 
@@ -105,14 +117,62 @@ class ModelOutputs:
         return self._probabilities
 
     def _compute(self) -> None:
-        """Probabilities and concepts of every sample: one pass of an image model (``intervention(x, {})``)."""
+        """Probabilities and concepts of every sample: one pass of an image model (``intervention(x, {})``), or
+        what an earlier run stored for the same model file and data."""
+        if self.store is not None and self._load():
+            return
         model = self.model
         if isinstance(model, TemporalCBM):
-            self._probabilities = torch.as_tensor(model.predict_proba(self.inputs))
-            self._concepts = model.pooled_concepts(self.inputs)
+            self._probabilities = torch.as_tensor(model.predict_proba(self.inputs)).float()
+            self._concepts = model.pooled_concepts(self.inputs).float()
         else:
-            logits, self._concepts = model.intervention(self.inputs, {})
-            self._probabilities = torch.softmax(logits, dim=1)
+            logits, concepts = model.intervention(self.inputs, {})
+            self._probabilities, self._concepts = torch.softmax(logits, dim=1).float(), concepts.float()
+        if self.store is not None:
+            self._save()
+
+    def _checksum(self, tensors: dict[str, torch.Tensor], secret: bytes | None) -> str:
+        """Checksum of stored outputs, tied to the file's name (its key) and keyed like the embedding cache."""
+        payload = json.dumps([OUTPUTS_FORMAT, self.store.name, tensor_digest(tensors)]).encode()
+        return (hmac.new(secret, payload, hashlib.sha256) if secret else hashlib.sha256(payload)).hexdigest()
+
+    def _save(self) -> None:
+        tensors = {"probabilities": self._probabilities.contiguous(), "concepts": self._concepts.contiguous()}
+        secret = cache_secret()
+        metadata = {"format": str(OUTPUTS_FORMAT), "auth": "hmac-sha256" if secret else "sha256",
+                    "checksum": self._checksum(tensors, secret)}
+        try:
+            with atomic_path(self.store) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+        except OSError as error:  # a read-only or full cache costs the next run time, nothing else
+            logger.warning("could not keep the model's outputs in %s (%s)", self.store, error)
+
+    def _load(self) -> bool:
+        """Use stored outputs when their checksum holds and their shapes fit the model and data; anything else
+        is recomputed (never trusted)."""
+        if not self.store.exists():
+            return False
+        secret = cache_secret()
+        try:
+            with safe_open(str(self.store), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            logger.warning("stored outputs %s are unreadable (%s); recomputing them", self.store, error)
+            return False
+        expected = {"probabilities": (len(self.labels), len(self.model.class_names)),
+                    "concepts": (len(self.labels), len(self.model.concept_names))}
+        checksum = metadata.get("checksum")
+        if not (isinstance(checksum, str) and hmac.compare_digest(checksum, self._checksum(tensors, secret))):
+            logger.warning("stored outputs %s fail their checksum (damaged, or written under another key); "
+                           "recomputing them", self.store)
+            return False
+        if set(tensors) != set(expected) or any(tuple(tensors[n].shape) != shape or not tensors[n].isfinite().all()
+                                                for n, shape in expected.items()):
+            logger.warning("stored outputs %s do not fit this model and data; recomputing them", self.store)
+            return False
+        self._probabilities, self._concepts = tensors["probabilities"], tensors["concepts"]
+        return True
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -125,7 +185,7 @@ class ModelOutputs:
     @property
     def accuracy(self) -> float:
         """Accuracy on the session's data (the same number as ``model.score``)."""
-        return float(self.correct.float().mean())
+        return float(self.correct.double().mean())
 
     @property
     def concepts(self) -> torch.Tensor:
@@ -289,6 +349,26 @@ def pruned_classes(model: ConceptBottleneckModel, concept: str) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- the data
+class RecordedBackbone:
+    """The model's backbone as its bundle records it (spec, fingerprint, width), loaded on first real use.
+
+    Embeddings found in the cache need only that record, so opening a model whose data is cached loads no
+    weights (toy CLIP: 4.6 s of the first render); an upload, or a sample missing from the cache, loads the
+    backbone and checks its fingerprint against the record (``model.load_backbone``)."""
+
+    def __init__(self, model: ConceptBottleneckModel) -> None:
+        self._model, self._loaded = model, None
+        self.spec, self.fingerprint = model.backbone_spec_, model.backbone_fingerprint_
+        self.embed_dim, self.device = model.n_features_in_, torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:  # only for what the record lacks
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._loaded is None:
+            self._loaded = self._model.load_backbone()
+        return getattr(self._loaded, name)
+
+
 @dataclass
 class OpenedData:
     """What every browser session on the same file and data shares, read-only: the model as loaded from disk,
@@ -299,7 +379,7 @@ class OpenedData:
     model: ConceptBottleneckModel
     dataset: ConceptDataset
     embeddings: Embeddings
-    backbone: Backbone
+    backbone: Backbone | RecordedBackbone
     sequences: VideoSequences | None = None
     outputs: ModelOutputs | None = None
     _thumbnails: dict[int, Image.Image] = field(default_factory=dict, repr=False)
@@ -313,12 +393,15 @@ class OpenedData:
         path = Path(model_path) if model_path else default_model_path(cache_dir)
         model = load(path)
         spec = data_spec or default_data(model)
-        backbone = model.load_backbone()
+        backbone = RecordedBackbone(model)
         dataset = load_dataset(spec)
         embeddings = embed(backbone, dataset, cache_dir=cache_dir, progress=False, num_workers=0)
         sequences = sequences_from_windows(embeddings) if isinstance(model, TemporalCBM) else None
         opened = cls(path, spec, model, dataset, embeddings, backbone, sequences)
-        opened.outputs = ModelOutputs(model, opened.inputs, opened.labels)
+        # the file's outputs on this data are kept on disk: an energy model takes a minute to score 1,000 samples
+        key = digest(OUTPUTS_FORMAT, hashlib.sha256(path.read_bytes()).hexdigest(), dataset.fingerprint())
+        store = Path(cache_dir or default_cache_dir()).expanduser() / "editor-outputs" / f"{key}.safetensors"
+        opened.outputs = ModelOutputs(model, opened.inputs, opened.labels, store)
         return opened
 
     @property

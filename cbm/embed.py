@@ -404,7 +404,10 @@ def _encode_shards(backbone: Backbone, dataset: ConceptDataset, shards: list[ran
     """Encode the given shards with one DataLoader, yielding (shard number, tensors, skipped) as each completes.
 
     Batches never straddle two shards, so each shard can be written as soon as its last batch is done.
+    Without shards it touches nothing, not even the backbone's preprocessing (a cached run needs no weights).
     """
+    if not shards:
+        return
     batches = [(number, list(indices[start:start + batch_size]))
                for number, indices in enumerate(shards) for start in range(0, len(indices), batch_size)]
     loader = DataLoader(_Preprocessed(dataset, backbone), batch_sampler=[indices for _, indices in batches],

@@ -198,9 +198,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tcav.add_argument("--runs", type=int, default=10, help="CAVs per concept, each against fresh negatives (default 10)")
     tcav.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
                       help="conv activations: mean over positions (default) or flattened as in the TCAV paper")
-    tcav.add_argument("--solver", choices=["fastcav", "torch", "sklearn"], default="fastcav",
-                      help="CAV learner: fastcav (mean-difference direction, default), torch or sklearn (logistic "
-                           "regression, as in the TCAV paper)")
+    tcav.add_argument("--solver", choices=["fastcav", "torch", "newton", "sklearn", "liblinear"], default="fastcav",
+                      help="CAV learner: fastcav (mean-difference direction, default); a linear SVM with SVC's hinge "
+                           "loss (torch, or scikit-learn's SVC: sklearn) or LinearSVC's squared hinge (newton, or "
+                           "scikit-learn's LinearSVC: liblinear). The TCAV paper used a linear classifier too")
     tcav.add_argument("--negatives", choices=["independent", "shared"], default="independent",
                       help="independent (default, as Kim et al.): a fresh set of random negatives per run; shared: "
                            "each run's negatives drawn from one pool of 2 x --examples (fewer random images)")

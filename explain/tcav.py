@@ -8,8 +8,8 @@ learned against a fresh, disjoint set of random negatives (``runs`` x the concep
 examples); ``negatives="shared"`` draws each run's negatives from one pool of twice the concept's
 size, which needs fewer random examples but lets the runs' negatives overlap (the runs are not
 independent draws). The CAV learner (``solver``: "fastcav", the
-mean-difference direction of FastCAV, by default; "torch"/"sklearn" logistic regression as in the
-paper) and the negatives are recorded in every report's settings and shown by ``cbm tcav``.
+mean-difference direction of FastCAV, by default; or a linear SVM, see :func:`concepts.learn_cavs`)
+and the negatives are recorded in every report's settings and shown by ``cbm tcav``.
 
 The baseline: ``random_concepts`` sets of random examples (as many as the concept has, disjoint
 from the negatives) are scored exactly like the concept, against the same negative sets, and
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from cbm.backbones import Backbone
 from cbm.models.base import ConceptBottleneckModel
 from cbm.models.temporal import TemporalCBM
-from concepts.cavs import learn_cavs
+from concepts.cavs import Solver, learn_cavs
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def negatives_needed(largest: int, runs: int, negatives: Negatives) -> int:
 
 def tcav(gradients: Mapping[str, torch.Tensor], concepts: Mapping[str, torch.Tensor], random: torch.Tensor, *,
          layer: str = "embedding", runs: int = 10, random_concepts: int = 20, alpha: float = 0.05,
-         solver: Literal["fastcav", "torch", "sklearn"] = "fastcav", negatives: Negatives = "independent",
+         solver: Solver = "fastcav", negatives: Negatives = "independent",
          seed: int = 0) -> TCAVReport:
     """TCAV on precomputed tensors.
 

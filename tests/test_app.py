@@ -372,3 +372,36 @@ def test_an_energy_model_recomputes_only_what_changed(setup, monkeypatch):
     app.selectbox(key="class_filter").set_value("green").run()
     assert not app.exception
     assert max(inferred, default=0) <= 2, inferred
+
+
+def test_opening_again_reads_the_files_outputs_and_loads_no_backbone_weights(setup, monkeypatch):
+    """The first render of a model whose data is cached runs neither the backbone nor the model on the data: the
+    embeddings need only the backbone's recorded fingerprint, and the file's outputs on that data are kept on disk
+    (an energy model takes about a minute to score 1,000 samples). Kept outputs that were altered are not
+    trusted, and the backbone still loads, fingerprint-checked, when an upload needs it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from app.session import OpenedData
+
+    def opened() -> OpenedData:
+        return OpenedData.open(setup["energy_model"], setup["data"], cache_dir=setup["cache"])
+
+    first = opened()
+    expected = first.outputs.probabilities.clone(), first.outputs.concepts.clone()
+    store = first.outputs.store
+    assert store.exists()
+    with monkeypatch.context() as patched:
+        patched.setattr(EnergyCBM, "intervention", lambda *a, **k: pytest.fail("the model ran on the data again"))
+        patched.setattr(EnergyCBM, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+        again = opened()
+        assert torch.equal(again.outputs.probabilities, expected[0])
+        assert torch.equal(again.outputs.concepts, expected[1])
+        assert again.outputs.accuracy == load(setup["energy_model"]).score(again.embeddings)
+    with safe_open(str(store), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    save_file({**tensors, "probabilities": tensors["probabilities"].flip(1)}, str(store), metadata=metadata)
+    third = opened()
+    assert torch.allclose(third.outputs.probabilities, expected[0])  # recomputed: the model's own numbers
+    image = Image.new("RGB", (40, 40), COLOURS[0])
+    assert third.backbone.embed_pil([image]).shape == (1, third.embeddings.features.shape[1])
