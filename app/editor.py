@@ -269,11 +269,22 @@ def one_series(what: str, index: list[str], values) -> pd.DataFrame:
 
 
 def bars(frame: pd.DataFrame, value_label: str) -> None:
-    """Horizontal bars, largest (after the change) on top, every row labelled; grouped when before/after."""
+    """Horizontal bars, largest (after the change) on top, every row labelled; grouped when before/after. A plain
+    Vega-Lite spec: ``st.bar_chart`` builds and validates an Altair chart (~40 ms a chart on every slider move) and
+    adds pan/zoom handlers nobody needs here."""
     frame = frame.sort_values(frame.columns[-1], ascending=False)
-    series = len(frame.columns)
-    st.bar_chart(frame, horizontal=True, stack=False, sort=False, x_label="", y_label=value_label,
-                 height=70 + len(frame) * (14 + 10 * series))
+    what, series = frame.index.name, list(frame.columns)
+    long = frame.reset_index().melt(id_vars=what, var_name="series", value_name="value")
+    encoding = {"y": {"field": what, "type": "nominal", "sort": None, "title": None, "axis": {"labelLimit": 260}},
+                "x": {"field": "value", "type": "quantitative", "title": value_label},
+                "tooltip": [{"field": what, "type": "nominal"}, {"field": "series", "type": "nominal"},
+                            {"field": "value", "type": "quantitative", "format": ".3f"}]}
+    if len(series) > 1:
+        encoding["yOffset"] = {"field": "series", "sort": series}
+        encoding["color"] = {"field": "series", "type": "nominal", "sort": series,
+                             "legend": {"orient": "bottom", "title": None}}
+    st.vega_lite_chart(long, {"mark": "bar", "height": 40 + len(frame) * (14 + 10 * len(series)),
+                              "encoding": encoding}, width="stretch")
 
 
 def top_rows(before: torch.Tensor, after: torch.Tensor, k: int = CHART_ROWS) -> list[int]:

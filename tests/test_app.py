@@ -84,6 +84,19 @@ def texts(app: AppTest) -> list[str]:
     return [plain(element.value) for element in elements]
 
 
+def chart_frames(app: AppTest) -> list:
+    """The data of every chart on the page, as the browser receives it (long form: name, series, value)."""
+    import pyarrow
+
+    def walk(node):
+        for child in (node.children.values() if isinstance(getattr(node, "children", None), dict) else []):
+            yield child
+            yield from walk(child)
+
+    return [pyarrow.ipc.open_stream(element.proto.data.data).read_all().to_pandas() for element in walk(app._tree)
+            if getattr(element, "type", None) == "vega_lite_chart"]
+
+
 def shown_sample(app: AppTest) -> tuple[EditorSession, int, str, torch.Tensor]:
     session: EditorSession = app.session_state["session"]
     index = app.selectbox(key="sample").value
@@ -134,6 +147,32 @@ def test_a_slider_changes_the_prediction_exactly_as_intervene_does(app, setup):
     rest = model.bias_ + model.residual(features)[0]
     assert float(outcome.contributions_after.sum() + rest[outcome.shown]) == pytest.approx(
         float(logits[outcome.shown]), abs=1e-4)
+
+
+def test_the_charts_beside_the_sliders_show_the_models_own_numbers(app, setup):
+    """Before a move: the probabilities and the why-chart; after it: probabilities and contributions before and
+    after, every bar the model's own value (what the browser receives, not what the session holds)."""
+    session, _, name, features = shown_sample(app)
+    model = load(setup["model"])
+    probabilities = torch.softmax(model.intervene(features, {}), dim=1)[0]
+    for row in chart_frames(app)[0].itertuples():
+        assert row.value == pytest.approx(float(probabilities[model.class_names.index(row[1])]), abs=1e-6)
+    slider = concept_slider(app)
+    concept, target = concept_of(slider), slider.max
+    slider.set_value(target).run()
+    after = torch.softmax(model.intervene(features, {concept: target}), dim=1)[0]
+    classes, contributions = chart_frames(app)[:2]
+    assert set(classes["series"]) == {"before", "after"}
+    for row in classes.itertuples():
+        expected = (probabilities if row.series == "before" else after)[model.class_names.index(row[1])]
+        assert row.value == pytest.approx(float(expected), abs=1e-6)
+    shown = int(after.argmax())
+    concepts_after = model.concepts(features).clone()
+    concepts_after[0, model.concept_index(concept)] = target
+    for row in contributions.itertuples():
+        at = model.concepts(features) if row.series == "before" else concepts_after
+        expected = model.contributions(features, at)[0, shown, model.concept_index(row[1])]
+        assert row.value == pytest.approx(float(expected), abs=1e-5), row
 
 
 def test_the_drivers_add_up_to_the_margin_that_moved_the_decision(app, setup):
