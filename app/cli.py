@@ -22,7 +22,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     script = Path(__file__).with_name("editor.py")
     env = {**os.environ, "CBM_APP_MODEL": str(Path(args.model).resolve()) if args.model else "",
            "CBM_APP_DATA": args.data or ""}
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", args.host,
+    command = [sys.executable, "-m", "app.server", "run", str(script), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
                "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20)),
                "--client.toolbarMode", "viewer"]  # no "Deploy" button: the editor is a local tool

@@ -26,8 +26,8 @@ import os  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from app.session import (UPLOAD_TYPES, EditorSession, EditPreview, InterventionOutcome, OpenedData,  # noqa: E402
-                         describe_edit, file_stamp, pruned_classes, read_upload)
+from app.session import (UPLOAD_TYPES, EditorSession, EditPreview, InterventionOutcome,  # noqa: E402
+                         describe_edit, pruned_classes, read_upload, shared_data)
 from cbm.data.base import ImageReadError  # noqa: E402
 from cbm.models import VideoSequences  # noqa: E402
 from cbm.untrusted import for_markdown  # noqa: E402
@@ -42,17 +42,11 @@ CHART_ROWS = 8
 md = for_markdown
 
 
-@st.cache_resource(show_spinner="Opening the model and embedding its data (cached after the first time)...")
-def open_data(model: str | None, data: str | None, stamp: tuple[int, int] | None) -> OpenedData:
-    """The model and data every browser session shares; a new ``stamp`` (the file changed on disk) opens afresh."""
-    return OpenedData.open(model, data)
-
-
 def session() -> EditorSession:
-    """This browser session's editor state (created on its first run)."""
+    """This browser session's editor state (created on its first run, on the data every session shares)."""
     if "session" not in st.session_state:
-        model = os.environ.get("CBM_APP_MODEL") or None
-        data = open_data(model, os.environ.get("CBM_APP_DATA") or None, file_stamp(model) if model else None)
+        with st.spinner("Opening the model and its data (the embeddings are cached after the first time)..."):
+            data = shared_data(os.environ.get("CBM_APP_MODEL") or None, os.environ.get("CBM_APP_DATA") or None)
         st.session_state.session = EditorSession.on(data)
     return st.session_state.session
 

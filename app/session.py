@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -346,6 +347,22 @@ def pruned_classes(model: ConceptBottleneckModel, concept: str) -> set[str]:
         else:
             pruned.difference_update(record.classes)
     return pruned
+
+
+
+_SHARED: dict[tuple, OpenedData] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_data(model_path: str | None, data_spec: str | None) -> OpenedData:
+    """The ``OpenedData`` every browser session of this server process shares: opened once per version of the
+    model file (its modification time and size; a changed file is opened afresh) and data spec. ``cbm app``
+    opens it as the server starts (``app.server``), so the first page does not wait for it."""
+    key = (model_path, data_spec, file_stamp(model_path) if model_path else None)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = OpenedData.open(model_path, data_spec)
+        return _SHARED[key]
 
 
 # ---------------------------------------------------------------------------------------------------- the data

@@ -112,7 +112,7 @@ def measure_labels(concepts: Sequence[int] = (16, 200), n: int = 6000, dim: int 
                  accuracy_row(f"CAVs from labels, {count} concepts: mean held-out accuracy{scaled}",
                               float(ours.stats["val_accuracy"][:subset].mean()),
                               float(theirs.stats["val_accuracy"].mean()), within=1)]
-        chosen = dict(zip(*(values.tolist() for values in ours.stats["C"].unique(return_counts=True))))
+        chosen = {round(c, 6): n for c, n in zip(*(v.tolist() for v in ours.stats["C"].unique(return_counts=True)))}
         notes.append(f"{count} concepts: C chosen (ours, C: concepts) {chosen}; newton {ours_s:.1f} s")
     setup = (f"{list(concepts)} concepts x {n} samples x {dim} dims, every positive, 15% labels flipped, C grid "
              f"{list(cs)}, cpu, {torch.get_num_threads()} threads")
