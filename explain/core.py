@@ -131,12 +131,18 @@ class ModelView(RowView):
                 and source.backbone_fingerprint != model.backbone_fingerprint_):
             raise ValueError(f"{data.name} was embedded with {source.backbone_spec} but the model was fitted on "
                              f"{model.backbone_spec_} features (fingerprints differ); embed it with that backbone.")
-        self.concepts = self._batched(lambda rows: model.concepts(rows))
-        self.logits = self._batched(lambda rows: model.decision_function(rows))
+        self.logits, self.concepts = self._outputs()
         head = self._head(self.concepts)
         self.offset = self.logits - head
         self.additive = self._check_additive()
         self.weight = self._linear_head() if self.additive else None
+
+    def _outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, concepts) of every row from one pass of the model (``intervention(x, {})``, which equals the
+        prediction): an energy model infers once instead of once for the concepts and again for the logits."""
+        rows = self.data.features
+        parts = [self.model.intervention(chunk, {}) for chunk in (rows.split(BATCH_ROWS) if len(rows) else [rows])]
+        return tuple(torch.cat([part[i].detach().float() for part in parts]) for i in (0, 1))
 
     def _batched(self, fn: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.data.features if rows is None else rows
