@@ -34,7 +34,7 @@ from cbm.untrusted import for_markdown  # noqa: E402
 from explain import EvalData, counterfactual, explain_samples, make_view  # noqa: E402
 from explain.plots import timeline_figure  # noqa: E402
 
-SLIDERS_SHOWN = 12
+SLIDERS_SHOWN = 8  # the most influential concepts (and the corrected ones); search finds the rest
 SEARCH_SHOWN = 40
 TIMELINE_CONCEPTS = 10
 PAGE_SIZE = 24

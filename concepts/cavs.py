@@ -221,18 +221,18 @@ def _sklearn_svm(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, cs: Sequ
 
 def _fastcav(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Difference of the positive and negative means, thresholded at their midpoint."""
-    pos, neg = (((y == s) & valid).to(x.dtype) for s in (1, -1))
-    total = "kn,nd->kd" if x.ndim == 2 else "kn,knd->kd"
-    mean_pos = torch.einsum(total, pos, x) / pos.sum(1, keepdim=True)
-    mean_neg = torch.einsum(total, neg, x) / neg.sum(1, keepdim=True)
+    pos, neg = ((y == s) & valid for s in (1, -1))
+    mean_pos = (x * pos[..., None]).sum(1) / pos.sum(1, keepdim=True)
+    mean_neg = (x * neg[..., None]).sum(1) / neg.sum(1, keepdim=True)
     direction = mean_pos - mean_neg
     return direction[:, None], -(direction * (mean_pos + mean_neg)).sum(-1)[:, None] / 2
 
 
 class _Examples:
     """The examples of K concepts: labels ``y`` [K,M] in {-1,+1} (0: not an example of that concept) of the
-    rows of ``x``, either one matrix [M,D] the concepts share (concepts labelled on one dataset) or padded
-    examples [K,M,D] per concept; ``valid`` [K,M] marks the examples."""
+    rows of ``x``, either one matrix [M,D] the concepts share (concepts labelled on one dataset, for the
+    solvers that read it so: newton, liblinear) or padded examples [K,M,D] per concept; ``valid`` [K,M]
+    marks the examples."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y, self.valid = x, y, y != 0
@@ -247,15 +247,6 @@ class _Examples:
             x[k, :len(pos) + len(neg)] = torch.cat([pos, neg])
             y[k, :len(pos)], y[k, len(pos):len(pos) + len(neg)] = 1, -1
         return cls(x, y)
-
-    def per_concept(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded examples [K,M',D], labels [K,M'] and ``rows`` [K,M'] of each concept alone (shared rows
-        are copied per concept; padded examples come back as they are)."""
-        if self.x.ndim == 3:
-            return self.x, self.y, rows
-        width = int(self.valid.sum(1).max())
-        index = torch.argsort((~self.valid).to(torch.uint8), dim=1, stable=True)[:, :width]  # examples first
-        return self.x[index], self.y.gather(1, index), rows.gather(1, index)
 
     def margins(self, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Signed distances [K,C,M] of every example to every candidate hyperplane ([K,C,D], [K,C])."""
@@ -370,8 +361,7 @@ def _fit_bank(names: list[str], train: _Examples, val: _Examples, *, solver: str
         """Classifiers [K,C,D] and intercepts [K,C] fit on the training examples in ``rows``."""
         on = torch.device(device)
         if solver == "torch":
-            x, y, rows = train.per_concept(rows)
-            weights, bias = hinge_svm(x.to(on), y.to(on), rows.to(on), cs, seed=seed)
+            weights, bias = hinge_svm(train.x.to(on), train.y.to(on), rows.to(on), cs, seed=seed)
         elif solver == "newton":
             y = train.y.repeat(len(rows) // len(train.y), 1)  # rows may stack several fits of every concept
             weights, bias = squared_hinge_svm(train.x.to(on), y.to(on), rows.to(on), cs)
@@ -425,6 +415,14 @@ def _fit_bank(names: list[str], train: _Examples, val: _Examples, *, solver: str
     return bank
 
 
+def _row_labels(examples: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> torch.Tensor:
+    """Labels [K, rows] of the shared feature matrix: +1 at each concept's positive rows, -1 at its negative rows."""
+    labels = torch.zeros(len(examples), rows)
+    for k, (positives, negatives) in enumerate(examples):
+        labels[k, positives], labels[k, negatives] = 1, -1
+    return labels
+
+
 def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names: Sequence[str], *,
                      max_positives: int | None = None, seed: int = 0, on_missing: Literal["raise", "skip"] = "raise",
                      solver: Solver = "newton", cs: Sequence[float] = DEFAULT_CS, val_fraction: float = 0.5,
@@ -455,7 +453,7 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
                          f"got {max_positives!r}.")
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    kept, train, val, skipped = [], [], [], {}
+    kept, train, val, skipped = [], [], [], {}  # per concept: (positives, negatives) row numbers, split's order
     for k, name in enumerate(names):
         present = labels[:, k] >= 0.5
         pos_idx, neg_idx = (torch.nonzero(mask).flatten().numpy() for mask in (present, ~present))
@@ -469,17 +467,18 @@ def cavs_from_labels(features: torch.Tensor, concept_labels: torch.Tensor, names
         n_pos = len(pos_idx) if max_positives is None else min(len(pos_idx), max_positives)
         pos_idx = np.sort(rng.choice(pos_idx, size=n_pos, replace=False))
         neg_idx = np.sort(rng.choice(neg_idx, size=min(n_pos, len(neg_idx)), replace=False))
-        train_y, val_y = torch.zeros(len(features)), torch.zeros(len(features))
-        for sign, index in ((1, torch.from_numpy(pos_idx)), (-1, torch.from_numpy(neg_idx))):
-            fit_on, held_out = _split(index, val_fraction, generator)  # as learn_cavs splits each side
-            train_y[fit_on], val_y[held_out] = sign, sign
+        (pos_train, pos_val), (neg_train, neg_val) = (_split(torch.from_numpy(index), val_fraction, generator)
+                                                      for index in (pos_idx, neg_idx))  # as learn_cavs splits
         kept.append(name)
-        train.append(train_y)
-        val.append(val_y)
+        train.append((pos_train, neg_train))
+        val.append((pos_val, neg_val))
     if not kept:
         raise ValueError(f"no concept has enough positive and negative samples; skipped: {skipped}.")
-    bank = _fit_bank(kept, _Examples(features, torch.stack(train)), _Examples(features, torch.stack(val)),
-                     solver=solver, cs=cs, folds=folds, val_fraction=val_fraction, seed=seed, device=device,
-                     progress=progress, backbone=backbone)
+    if solver in ("newton", "liblinear"):  # one feature matrix for every concept: labels mark each one's rows
+        train, val = (_Examples(features, _row_labels(part, len(features))) for part in (train, val))
+    else:  # each concept's own copy of its examples, exactly as learn_cavs lays them out
+        train, val = (_Examples.padded([(features[p], features[n]) for p, n in part]) for part in (train, val))
+    bank = _fit_bank(kept, train, val, solver=solver, cs=cs, folds=folds, val_fraction=val_fraction, seed=seed,
+                     device=device, progress=progress, backbone=backbone)
     bank.provenance.update({"source": "concept labels", "max_positives": max_positives, "skipped": skipped})
     return bank

@@ -444,3 +444,21 @@ def test_opening_again_reads_the_files_outputs_and_loads_no_backbone_weights(set
     assert torch.allclose(third.outputs.probabilities, expected[0])  # recomputed: the model's own numbers
     image = Image.new("RGB", (40, 40), COLOURS[0])
     assert third.backbone.embed_pil([image]).shape == (1, third.embeddings.features.shape[1])
+
+
+def test_the_servers_warm_up_opens_the_data_the_first_page_uses(setup, monkeypatch):
+    """``cbm app`` runs ``app.server``, which opens the model file and its data while Streamlit starts: the first
+    page then finds them opened (and their outputs computed) instead of opening them again."""
+    from app import server
+    from app.session import OpenedData, shared_data
+
+    monkeypatch.setenv("CBM_APP_MODEL", str(setup["model"]))
+    monkeypatch.setenv("CBM_APP_DATA", setup["data"])
+    monkeypatch.setenv("CBM_CACHE_DIR", str(setup["cache"]))
+    server.warm_up()
+    warmed = shared_data(str(setup["model"]), setup["data"])
+    assert warmed.outputs.ready
+    monkeypatch.setattr(OpenedData, "open", lambda *args, **kwargs: pytest.fail("the first page opened the data again"))
+    page = AppTest.from_file(EDITOR, default_timeout=60)
+    page.run()
+    assert not page.exception and page.session_state["session"].data is warmed

@@ -24,7 +24,7 @@ def option(command: list[str], name: str) -> str:
 
 def test_the_editor_binds_to_localhost_unless_asked_and_caps_uploads(monkeypatch, tmp_path):
     command = capture_app_launch(monkeypatch, [])[0]
-    assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
+    assert command[:4] == [sys.executable, "-m", "app.server", "run"]  # Streamlit's command line, warmed up
     assert option(command, "--server.address") == "127.0.0.1"
     assert option(command, "--server.maxUploadSize") == "20"  # MB, the same cap read_image_bytes applies
     assert option(capture_app_launch(monkeypatch, ["--host", "0.0.0.0"])[0], "--server.address") == "0.0.0.0"
