@@ -198,6 +198,17 @@ def test_torch_solver_matches_sklearn_svc():
     assert (scores[:, 0] > 0).float().mean() > 0.85
 
 
+def test_newton_solver_matches_linearsvc_through_learn_cavs():
+    """On each concept's own examples (learn_cavs' padded layout) newton picks the same C as LinearSVC and reaches
+    the same held-out accuracy."""
+    positives, negatives = synthetic()
+    newton = learn_cavs(positives, negatives, solver="newton", seed=1)
+    reference = learn_cavs(positives, negatives, solver="liblinear", seed=1)
+    assert torch.equal(newton.stats["C"], reference.stats["C"])
+    assert torch.allclose(newton.stats["val_accuracy"], reference.stats["val_accuracy"])
+    assert (torch.nn.functional.cosine_similarity(newton.vectors, reference.vectors) > 0.999).all()
+
+
 def test_cavs_are_deterministic_under_a_seed():
     positives, negatives = synthetic(n_concepts=2)
     a = learn_cavs(positives, negatives, seed=3)
