@@ -101,7 +101,9 @@ def server():
 
 
 def client(server, tmp_path, **options) -> ChatClient:
-    defaults = {"cache_dir": tmp_path / "cache", "timeout": 0.3, "retries": 2, "backoff": 0.01,
+    # a timeout long enough that a reply slowed by a loaded machine is not retried (the tests count requests);
+    # the "slow" class's test sets a short one
+    defaults = {"cache_dir": tmp_path / "cache", "timeout": 3.0, "retries": 2, "backoff": 0.01,
                 "api_key_env": "TEST_LLM_KEY"}
     return ChatClient(server.url + "/v1", "tiny-llm", **{**defaults, **options})
 
@@ -147,10 +149,12 @@ def test_retry_after_429_then_success(server, tmp_path):
 ])
 def test_failures_raise_or_are_recorded_as_skips(server, tmp_path, name, error, attempts):
     prompts = {"f": "List features of a {cls}."}
+    timeout = 0.3 if name == "slow" else 3.0  # the slow class answers after 0.6 s
     with pytest.raises((HTTPError, LLMReplyError), match=error):
-        from_llm([name], client(server, tmp_path), prompts=prompts, progress=False)
+        from_llm([name], client(server, tmp_path, timeout=timeout), prompts=prompts, progress=False)
     assert server.requests[name] == attempts
-    result = from_llm(["ok", name], client(server, tmp_path), prompts=prompts, on_error="skip", progress=False)
+    result = from_llm(["ok", name], client(server, tmp_path, timeout=timeout), prompts=prompts, on_error="skip",
+                      progress=False)
     assert result.per_class[name] == [] and result.per_class["ok"]
     (skip,) = result.provenance["skipped"]
     assert skip["class"] == name and skip["prompt"] == "f" and error in skip["reason"]
