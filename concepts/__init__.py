@@ -5,7 +5,8 @@ This package depends on no other part of the toolkit: it takes any text encoder 
 from embedding tensors.
 
 - ``ConceptBank``: named concept vectors with scores, editing, provenance and safe persistence.
-- ``learn_cavs`` / ``cavs_from_labels``: CAVs (batched torch SVM, scikit-learn SVC, FastCAV).
+- ``learn_cavs`` / ``cavs_from_labels``: CAVs (batched torch SVMs: SVC's hinge, LinearSVC's squared hinge;
+  scikit-learn SVC and LinearSVC; FastCAV).
 - ``concepts.generate``: candidates from an LLM, ConceptNet, CUB/AwA/CSV attribute files, lists,
   a class x concept matrix and the shipped CIFAR starters.
 - ``concepts.filters``: cleaning, length, class-name, near-duplicate and absent-from-data filters.
