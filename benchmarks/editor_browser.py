@@ -254,7 +254,11 @@ def slider_labels(page: Any, timeout_ms: float = 30_000) -> list[str]:
     ``timeout_ms`` for the first one."""
     sliders = page.locator(MAIN).locator(SLIDER)
     sliders.first.wait_for(timeout=timeout_ms)
-    return [text.strip() for text in sliders.locator(WIDGET_LABEL).all_inner_texts()]
+    labels = sliders.locator(WIDGET_LABEL)
+    deadline = time.monotonic() + timeout_ms / 1000
+    while labels.count() < sliders.count() and time.monotonic() < deadline:  # a label can render after its slider
+        page.wait_for_timeout(50)
+    return [text.strip() for text in labels.all_inner_texts()]
 
 
 def move_slider(page: Any, concept: str, steps: int = 0, *, to: str | None = None) -> None:

@@ -40,9 +40,18 @@ def page(served, browser):
 
 
 def ready(page) -> None:
-    """Wait until the first run has drawn the whole page (the prediction shows before the sliders)."""
-    page.locator('[data-testid="stMain"]').get_by_role("slider").first.wait_for()
+    """Wait until the first run has drawn the whole page: the prediction shows before the sliders, and the browser
+    may still be adding sliders when the script run is over, so wait until their count holds for 0.3 s."""
+    sliders = page.locator('[data-testid="stMain"]').get_by_role("slider")
+    sliders.first.wait_for()
     wait_idle(page)
+    count, steady = sliders.count(), 0
+    for _ in range(100):  # at most ~10 s
+        page.wait_for_timeout(100)
+        now = sliders.count()
+        steady, count = (steady + 1 if now == count else 0), now
+        if steady == 3:
+            break
 
 
 def act(page, action) -> None:
