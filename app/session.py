@@ -35,7 +35,7 @@ from cbm.backbones import Backbone
 from cbm.data.base import MAX_UPLOAD_BYTES, ConceptDataset, ImageReadError, digest, read_image_bytes
 from cbm.data.registry import load_dataset
 from cbm.data.toy import VIDEO_CLASS_NAMES
-from cbm.embed import Embeddings, cache_secret, default_cache_dir, embed
+from cbm.embed import Embeddings, cache_secret, default_cache_dir, embed, keyed_checksum
 from cbm.files import atomic_path
 from cbm.models import ConceptBottleneckModel, TemporalCBM, VideoSequences, load, sequences_from_windows
 from cbm.models.bundle import tensor_digest
@@ -135,7 +135,7 @@ class ModelOutputs:
     def _checksum(self, tensors: dict[str, torch.Tensor], secret: bytes | None) -> str:
         """Checksum of stored outputs, tied to the file's name (its key) and keyed like the embedding cache."""
         payload = json.dumps([OUTPUTS_FORMAT, self.store.name, tensor_digest(tensors)]).encode()
-        return (hmac.new(secret, payload, hashlib.sha256) if secret else hashlib.sha256(payload)).hexdigest()
+        return keyed_checksum(payload, secret)
 
     def _save(self) -> None:
         tensors = {"probabilities": self._probabilities.contiguous(), "concepts": self._concepts.contiguous()}

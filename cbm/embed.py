@@ -193,6 +193,11 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return digest("ids", list(ids))
 
 
+def keyed_checksum(payload: bytes, secret: bytes | None) -> str:
+    """SHA-256 of ``payload``, HMAC-SHA256 under ``secret`` when one is set (``cache_secret()``)."""
+    return (hmac.new(secret, payload, hashlib.sha256) if secret else hashlib.sha256(payload)).hexdigest()
+
+
 def _shard_checksum(entry: str, start: int, metadata: dict[str, str], tensors: dict[str, torch.Tensor],
                     secret: bytes | None) -> str:
     """The checksum of a shard at position ``start`` of the entry folder ``entry``: its declared range end, ids,
@@ -205,7 +210,7 @@ def _shard_checksum(entry: str, start: int, metadata: dict[str, str], tensors: d
 
     declared = [metadata.get(name) for name in ("stop", "ids_sha256", "skipped", "auth")]
     payload = json.dumps([CACHE_FORMAT, entry, start, *declared, tensor_digest(tensors)]).encode()
-    return (hmac.new(secret, payload, hashlib.sha256) if secret else hashlib.sha256(payload)).hexdigest()
+    return keyed_checksum(payload, secret)
 
 
 @contextlib.contextmanager
