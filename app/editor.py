@@ -369,7 +369,8 @@ def counterfactual_section(s: EditorSession, name: str, features: torch.Tensor) 
     """The smallest change that flips the prediction: at once where the search is cheap (additive heads), on
     request where every try re-runs the model."""
     view = sample_view(s, name, features)
-    if view.additive or st.session_state.get("search_counterfactual") == (id(s.model), name):
+    # whether interventions are head(concepts) + offset is the model's property: checked on the first sample opened
+    if s.memo(("additive",), lambda: view.additive) or st.session_state.get("search_counterfactual") == (id(s.model), name):
         with st.spinner("Searching the smallest change that flips it..."):
             found = s.memo(("counterfactual", name), lambda: counterfactual(view, row=0))
         st.markdown("**Smallest change that flips it:** " + md(found.describe()))
@@ -415,7 +416,7 @@ def intervention_panel(s: EditorSession, name: str, features: torch.Tensor | Vid
         if outcome is None:
             show_unchanged(s, name, features, probabilities, current)
         elif show_outcome(s, name, outcome):
-            st.rerun()  # the audit trail tab shows the new entry at once
+            st.rerun()  # a full run: the confirmation shows at the top of the page
 
 
 def explore(s: EditorSession, filters: tuple) -> None:
@@ -577,13 +578,15 @@ def main() -> None:
         progress.empty()
     show_flash()
     filters = sidebar(s)
-    explore_tab, edit_tab, trail_tab = st.tabs(["Explore and intervene", "Edit the model", "Audit trail"])
-    with explore_tab:
-        explore(s, filters)
-    with edit_tab:
-        edit_globally(s)
-    with trail_tab:
-        audit_trail(s)
+    # only the open tab runs (switching tabs reruns the page): a filter or a sample change does not redraw the others
+    tabs = st.tabs(list(TABS), key="tab", on_change="rerun")
+    for tab, draw in zip(tabs, TABS.values()):
+        if tab.open:
+            with tab:
+                draw(s, filters)
 
+
+TABS = {"Explore and intervene": explore, "Edit the model": lambda s, filters: edit_globally(s),
+        "Audit trail": lambda s, filters: audit_trail(s)}
 
 main()

@@ -134,8 +134,6 @@ class ModelView(RowView):
         self.logits, self.concepts = self._outputs()
         head = self._head(self.concepts)
         self.offset = self.logits - head
-        self.additive = self._check_additive()
-        self.weight = self._linear_head() if self.additive else None
 
     def _outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, concepts) of every row from one pass of the model (``intervention(x, {})``, which equals the
@@ -159,8 +157,10 @@ class ModelView(RowView):
         low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
         return low + torch.rand(n, len(low), generator=torch.Generator().manual_seed(seed)) * (high - low)
 
-    def _check_additive(self) -> bool:
-        """Whether intervened logits equal head(changed concepts) + offset, on a few random edits."""
+    @functools.cached_property
+    def additive(self) -> bool:
+        """Whether intervened logits equal head(changed concepts) + offset, checked on a few random edits when
+        first asked (an energy model re-infers its concepts for the check: explanations alone do not need it)."""
         n = min(len(self.data), 16)
         if n == 0:
             return True
@@ -174,8 +174,12 @@ class ModelView(RowView):
                         type(self.model).__name__)
         return additive
 
-    def _linear_head(self) -> torch.Tensor | None:
-        """The head's weight [C, K] when ``predict_from_concepts`` is affine (checked numerically), else None."""
+    @functools.cached_property
+    def weight(self) -> torch.Tensor | None:
+        """The head's weight [C, K] when the model is additive and ``predict_from_concepts`` is affine (checked
+        numerically), else None."""
+        if not self.additive:
+            return None
         low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
         span = (high - low).clamp_min(1e-6)
         base = self._head(low[None])
@@ -209,9 +213,11 @@ class ModelView(RowView):
         return self.data.labels
 
     def contributions(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``model.contributions`` [N, C, K] for the rows ``rows`` (all when None)."""
-        features = self.data.features if rows is None else self.data.features[rows]
-        return self._batched(lambda chunk: self.model.contributions(chunk), features)
+        """``model.contributions`` [N, C, K] for the rows ``rows`` (all when None), at the concepts the view
+        already holds (the model's own: an energy model does not infer them again)."""
+        rows = torch.arange(len(self.data)) if rows is None else torch.as_tensor(rows)
+        return self._batched(lambda chunk: self.model.contributions(self.data.features[chunk], self.concepts[chunk]),
+                             rows)
 
     def intervened_logits(self, rows: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         """Logits of samples ``rows`` (indices, repeats allowed) with concepts replaced by ``changed`` [R, K]."""

@@ -97,6 +97,12 @@ def chart_frames(app: AppTest) -> list:
             if getattr(element, "type", None) == "vega_lite_chart"]
 
 
+def open_tab(app: AppTest, tab: str) -> AppTest:
+    """Click a tab: only the open tab's content is drawn (the page reruns on a switch)."""
+    app.session_state["tab"] = tab
+    return app.run()
+
+
 def shown_sample(app: AppTest) -> tuple[EditorSession, int, str, torch.Tensor]:
     session: EditorSession = app.session_state["session"]
     index = app.selectbox(key="sample").value
@@ -251,6 +257,9 @@ def test_absent_present_and_per_concept_reset_use_the_models_references(app, set
 def test_prune_preview_apply_undo_save_and_reload(app, setup, tmp_path):
     session: EditorSession = app.session_state["session"]
     before = session.model.weight_.clone()
+    assert not [w for w in app.selectbox if w.key == "edit_concept"]  # only the open tab is drawn
+    open_tab(app, "Edit the model")
+    assert not concept_sliders(app)
     app.selectbox(key="edit_concept").set_value("reddish").run()
     app.button(key="preview").click().run()
     assert not app.exception
@@ -298,6 +307,7 @@ def test_the_audit_trail_is_readable_and_its_exports_hold_the_same_fields(app):
     slider = concept_slider(app)
     slider.set_value(slider.max).run()
     app.button(key="record").click().run()
+    open_tab(app, "Edit the model")
     app.selectbox(key="edit_concept").set_value("bright").run()
     app.text_input(key="edit_reason").input("=HYPERLINK(\"http://x\")").run()
     app.button(key="prune").click().run()
@@ -316,8 +326,8 @@ def test_the_audit_trail_is_readable_and_its_exports_hold_the_same_fields(app):
     session.trail.append(TrailEntry("intervention", "=1+2", sample="@SUM(A1)", prediction_before="-x"))
     hostile = list(csv.DictReader(io.StringIO(session.trail_csv())))[-1]
     assert (hostile["details"], hostile["sample"], hostile["prediction_before"]) == ("'=1+2", "'@SUM(A1)", "'-x")
-    table = app.dataframe[-1].value
-    assert list(table.columns) == list(rows[0])
+    table = open_tab(app, "Audit trail").dataframe[-1].value
+    assert list(table.columns) == list(rows[0]) and len(table) == len(session.trail)
 
 
 def test_browser_sessions_do_not_share_state_and_discard_reloads_the_file(setup, monkeypatch):
@@ -325,6 +335,7 @@ def test_browser_sessions_do_not_share_state_and_discard_reloads_the_file(setup,
     session: EditorSession = first.session_state["session"]
     slider = concept_slider(first)
     slider.set_value(slider.max).run()
+    open_tab(first, "Edit the model")
     first.selectbox(key="edit_concept").set_value("reddish").run()
     first.button(key="prune").click().run()
     second = open_editor(setup, monkeypatch)

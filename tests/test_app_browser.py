@@ -128,7 +128,9 @@ def test_sessions_are_separate_and_an_edit_updates_every_number_at_once(page, se
     on_file = f"{model.score(data):.3f}"
     pruned = f"{model.edit('prune', 'reddish')[0].score(data):.3f}"
     assert metric(page) == on_file
-    page.get_by_role("tab", name="Edit the model").click()  # tabs switch in the browser, without a rerun
+    assert page.get_by_role("button", name="Prune", exact=True).count() == 0  # only the open tab is drawn
+    act(page, lambda: page.get_by_role("tab", name="Edit the model").click())  # a switch reruns the page
+    assert not page.locator('[data-testid="stMain"]').get_by_role("slider").count()
     click(page, "Prune")
     assert metric(page) == pruned  # in the same run as the edit, not one action later
     assert "Edits in this session: 1" in page.locator(SIDEBAR).inner_text()

@@ -6,7 +6,7 @@ prune / undo / save work and the audit trail records them; the default data and 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
-from test_app import EDITOR, concept_of, plain
+from test_app import EDITOR, concept_of, open_tab, plain
 from test_models_temporal import CONCEPTS, _directions, make_videos
 from tiny_models import capture_app_launch
 
@@ -117,6 +117,7 @@ def test_prune_undo_and_save_a_video_model(video_setup, monkeypatch):
     start = len(session.trail)
     weight = session.model.weight_.clone()
     concept = session.model.concept_names[int(weight.sum(0).argmax())]
+    open_tab(app, "Edit the model")
     app.selectbox(key="edit_concept").set_value(concept)
     app.button(key="prune").click().run()
     assert not app.exception, app.exception

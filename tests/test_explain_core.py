@@ -64,8 +64,8 @@ class SquashedCBM(ConceptBottleneckModel):
     def _logits(self, x, c):
         return self.predict_from_concepts(c) * (1.0 + 0.2 * torch.sigmoid(x[:, :1]))
 
-    def contributions(self, x):
-        c = self.concepts(x)
+    def contributions(self, x, concepts=None):
+        c = self._concepts_or(x, concepts)
         return (2.0 * torch.tanh(c / 2.0))[:, None, :] * self.inner.weight_[None]
 
 

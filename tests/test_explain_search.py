@@ -37,8 +37,8 @@ class TrapHead(ConceptBottleneckModel):
     def _logits(self, x, c):
         return self.predict_from_concepts(c)
 
-    def contributions(self, x):
-        return self.concepts(x)[:, None, :] * WEIGHT[None]
+    def contributions(self, x, concepts=None):
+        return self._concepts_or(x, concepts)[:, None, :] * WEIGHT[None]
 
     def concept_reference(self, name, which):
         return 1.0 if which == "high" else 0.0
