@@ -29,6 +29,8 @@ from cbm.models.temporal import TemporalCBM, VideoSequences, decisive_windows, s
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 4096
+#: Random edits that decide whether a view's intervened logits are head(concepts) + offset (rows repeat when fewer).
+ADDITIVITY_TRIALS = 16
 DataLike = Embeddings | tuple[Any, ...]
 
 
@@ -151,23 +153,31 @@ class ModelView(RowView):
     def _head(self, concepts: torch.Tensor) -> torch.Tensor:
         return self._batched(lambda rows: self.model.predict_from_concepts(rows), concepts)
 
+    @functools.cached_property
+    def _box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per concept, the span of the observed activations and the family's "low"/"high" values [K] (valid for
+        every family, e.g. probabilities stay in [0, 1]; wide even for a one-sample view, whose activations alone
+        span nothing and would make the checks below vacuous)."""
+        low, high = concept_bounds(self)
+        return (torch.minimum(self.concepts.min(dim=0).values, torch.minimum(low, high)),
+                torch.maximum(self.concepts.max(dim=0).values, torch.maximum(low, high)))
+
     def _random_concepts(self, n: int, seed: int) -> torch.Tensor:
-        """``n`` random concept vectors inside the box of the observed activations (valid for every
-        family, e.g. probabilities stay in [0, 1])."""
-        low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
+        """``n`` random concept vectors inside ``_box``."""
+        low, high = self._box
         return low + torch.rand(n, len(low), generator=torch.Generator().manual_seed(seed)) * (high - low)
 
     @functools.cached_property
     def additive(self) -> bool:
         """Whether intervened logits equal head(changed concepts) + offset, checked on a few random edits when
         first asked (an energy model re-infers its concepts for the check: explanations alone do not need it)."""
-        n = min(len(self.data), 16)
-        if n == 0:
+        if len(self.data) == 0:
             return True
-        mask = torch.rand(n, self.concepts.shape[1], generator=torch.Generator().manual_seed(0)) < 0.5
-        values = self._random_concepts(n, seed=1)
-        exact = self.model.intervene(self.data.features[:n], (mask, values)).detach().float()
-        fast = self._head(torch.where(mask, values, self.concepts[:n])) + self.offset[:n]
+        rows = torch.arange(ADDITIVITY_TRIALS) % len(self.data)  # a small view gets several edits per row
+        mask = torch.rand(len(rows), self.concepts.shape[1], generator=torch.Generator().manual_seed(0)) < 0.5
+        values = self._random_concepts(len(rows), seed=1)
+        exact = self.model.intervene(self.data.features[rows], (mask, values)).detach().float()
+        fast = self._head(torch.where(mask, values, self.concepts[rows])) + self.offset[rows]
         additive = bool(torch.allclose(exact, fast, atol=1e-3, rtol=1e-3))
         if not additive:
             logger.info("%s: logits are not head(concepts) + offset; interventions use model.intervene",
@@ -180,8 +190,8 @@ class ModelView(RowView):
         numerically), else None."""
         if not self.additive:
             return None
-        low, high = self.concepts.min(dim=0).values, self.concepts.max(dim=0).values
-        span = (high - low).clamp_min(1e-6)
+        low, high = self._box
+        span = (high - low).clamp_min(1e-3)
         base = self._head(low[None])
         weight = ((self._head(low + torch.diag(span)) - base) / span[:, None]).T
         probe = self._random_concepts(8, seed=2)

@@ -165,6 +165,12 @@ def test_the_views_intervened_logits_are_the_models(fitted):
     mask[:, :3] = True
     direct = model.intervene(data.features[rows], (mask, changed))
     assert torch.allclose(view.intervened_logits(rows, changed), direct, atol=1e-3), name
+    for row in range(3):  # a one-sample view, as the editor builds: its shortcut must be as exact
+        one = explain.ModelView(model, explain.EvalData(data.features[row:row + 1], None))
+        edited = one.concepts.clone()
+        edited[:, :3] = high[:3]
+        direct = model.intervene(data.features[row:row + 1], (mask[:1], edited))
+        assert torch.allclose(one.intervened_logits(torch.tensor([0]), edited), direct, atol=1e-3), (name, row)
 
 
 # ------------------------------------------------------------------------------------------- decompositions
