@@ -37,7 +37,8 @@ from explain.plots import timeline_figure  # noqa: E402
 SLIDERS_SHOWN = 8  # the most influential concepts (and the corrected ones); search finds the rest
 SEARCH_SHOWN = 40
 TIMELINE_CONCEPTS = 10
-PAGE_SIZE = 24
+PAGE_SIZE = 12
+THUMBNAIL_COLUMNS = 3
 CHART_ROWS = 8
 md = for_markdown
 
@@ -76,7 +77,8 @@ def percent(p: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sidebar
-def sidebar(s: EditorSession) -> tuple[str | None, str, tuple[float, float]]:
+def sidebar(s: EditorSession) -> None:
+    """The model, its accuracy and the session's edits; below them, the sample browser."""
     model = s.model
     st.sidebar.header("Model")
     st.sidebar.markdown(f"**{type(model).__name__}** on {md(model.backbone_spec_)}  \n"
@@ -87,11 +89,8 @@ def sidebar(s: EditorSession) -> tuple[str | None, str, tuple[float, float]]:
     st.sidebar.caption(f"Edits in this session: {len(s.history)}; in the model's history: {len(model.edits_)}")
     st.sidebar.button("Discard my edits and reload the file", key="discard", on_click=discard, args=(s,),
                       help="Throws away this session's edits and corrections and opens the file as it is on disk now.")
-    st.sidebar.header("Browse")
-    class_filter = st.sidebar.selectbox("True class", ["all", *model.class_names], key="class_filter")
-    correctness = st.sidebar.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="correctness")
-    confidence = st.sidebar.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.05, key="confidence")
-    return None if class_filter == "all" else class_filter, correctness, confidence
+    with st.sidebar:
+        sample_browser(s)
 
 
 def discard(s: EditorSession) -> None:
@@ -113,7 +112,56 @@ def filtered_samples(s: EditorSession, class_filter: str | None, correctness: st
     return torch.nonzero(keep).flatten().tolist()
 
 
-# ---------------------------------------------------------------------------------------------- browsing
+def open_sample(index: int) -> None:
+    st.session_state.sample = index
+    sample_picked()
+
+
+def sample_picked() -> None:
+    st.session_state.sample_changed = True  # the browser reruns the whole page to show it
+
+
+@st.fragment
+def sample_browser(s: EditorSession) -> None:
+    """The filters, the count of matching samples, clickable thumbnails marked right or wrong, and the sample
+    picker. A filter or page change reruns only this panel: the open sample (and its correction) stays open until
+    another one is picked, which reruns the page."""
+    if st.session_state.pop("sample_changed", False):
+        st.rerun()
+    model, kind = s.model, "videos" if s.is_video else "samples"
+    st.header("Browse")
+    chosen = st.selectbox("True class", ["all", *model.class_names], key="class_filter")
+    correctness = st.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="correctness")
+    confidence = st.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.05, key="confidence")
+    indices = filtered_samples(s, None if chosen == "all" else chosen, correctness, confidence)
+    st.caption(f"{len(indices)} of {len(s.sample_ids)} {kind} match these filters.")
+    if not indices:
+        st.info(f"No {kind[:-1]} matches these filters.")
+    pages = max(1, -(-len(indices) // PAGE_SIZE))
+    page = st.number_input("Page", 1, pages, 1, key="page") - 1 if pages > 1 else 0
+    shown = indices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+    outputs, names = s.outputs(), model.class_names
+    columns = st.columns(THUMBNAIL_COLUMNS)
+    for slot, index in enumerate(shown):
+        guess, truth = int(outputs.predicted[index]), int(s.labels[index])
+        mark = f"✓ {names[guess]}" if guess == truth else f"✗ {names[guess]} (true: {names[truth]})"
+        with columns[slot % THUMBNAIL_COLUMNS]:
+            st.image(s.data.thumbnail_png(index), caption=mark, width=72)
+            sample = s.sample_ids[index]
+            st.button(sample if len(sample) <= 12 else "…" + sample[-11:], key=f"open|{index}", on_click=open_sample,
+                      args=(index,), help=f"open {sample}")
+    if st.session_state.get("sample") is None and shown:
+        st.session_state.sample = shown[0]
+    current = st.session_state.get("sample")
+    if current is None:
+        return
+    if current not in indices:
+        st.caption(md(f"The open {kind[:-1]}, {s.sample_ids[current]}, does not match these filters."))
+    st.selectbox("Video" if s.is_video else "Sample", indices if current in indices else [current, *indices],
+                 format_func=lambda i: s.sample_ids[i], key="sample", on_change=sample_picked)
+
+
+# ---------------------------------------------------------------------------------------------- one sample
 def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
     """An image upload box (a note instead for video models); returns (name, features [1,D], image) of a
     usable upload, else None."""
@@ -135,39 +183,6 @@ def upload_box(s: EditorSession) -> tuple[str, torch.Tensor, object] | None:
     return name, s.memo(("upload", name), lambda: s.backbone.embed_pil([image])), image
 
 
-def open_sample(index: int) -> None:
-    st.session_state.sample = index
-
-
-def browse(s: EditorSession, indices: list[int]) -> int | None:
-    """The count of matching samples, clickable thumbnails marked right or wrong, and the sample picker;
-    returns the chosen index."""
-    kind = "videos" if s.is_video else "samples"
-    st.caption(f"{len(indices)} of {len(s.sample_ids)} {kind} match these filters.")
-    if not indices:
-        st.info(f"No {kind[:-1]} matches these filters.")
-        return None
-    pages = max(1, -(-len(indices) // PAGE_SIZE))
-    page = st.number_input("Page", 1, pages, 1, key="page") - 1 if pages > 1 else 0
-    shown = indices[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-    outputs = s.outputs()
-    names = s.model.class_names
-    columns = st.columns(8)
-    for slot, index in enumerate(shown):
-        guess, truth = int(outputs.predicted[index]), int(s.labels[index])
-        mark = f"✓ {names[guess]}" if guess == truth else f"✗ {names[guess]} (true: {names[truth]})"
-        with columns[slot % 8]:
-            st.image(s.data.thumbnail_png(index), caption=mark, width=72)
-            sample = s.sample_ids[index]
-            st.button(sample if len(sample) <= 14 else "…" + sample[-13:], key=f"open|{index}", on_click=open_sample,
-                      args=(index,), help=f"open {sample}")
-    if st.session_state.get("sample") not in indices:
-        st.session_state.sample = shown[0]
-    return st.selectbox("Video" if s.is_video else "Sample", indices, format_func=lambda i: s.sample_ids[i],
-                        key="sample")
-
-
-# ---------------------------------------------------------------------------------------------- one sample
 def show_prediction(s: EditorSession, probabilities: torch.Tensor, truth: int | None) -> None:
     names = s.model.class_names
     predicted = int(probabilities.argmax())
@@ -177,7 +192,7 @@ def show_prediction(s: EditorSession, probabilities: torch.Tensor, truth: int | 
         st.markdown(md(f"True class: {names[truth]}") + f" **{verdict}**")
 
 
-def slider_key(s: EditorSession, name: str, concept: str) -> str:
+def slider_key(name: str, concept: str) -> str:
     versions = st.session_state.setdefault("slider_versions", {})
     return f"c|{name}|{concept}|{versions.get((name, concept), 0)}"
 
@@ -190,7 +205,7 @@ def renew_sliders(name: str, concepts: list[str]) -> None:
 
 
 def slider_moved(s: EditorSession, name: str, concept: str, current: float) -> None:
-    s.set_concept(name, concept, st.session_state[slider_key(s, name, concept)], current)
+    s.set_concept(name, concept, st.session_state[slider_key(name, concept)], current)
 
 
 def set_to(s: EditorSession, name: str, concept: str, value: float, current: float) -> None:
@@ -238,7 +253,7 @@ def concept_sliders(s: EditorSession, name: str, features: torch.Tensor | VideoS
             [f"typical when present {high:.3g}"] if high is not None else [])
         slider, absent, present, reset = st.columns([5, 2, 2, 2], vertical_alignment="bottom")
         slider.slider(md(concept), lo, hi, min(max(value, lo), hi), (hi - lo) / 100 or 0.01,
-                      key=slider_key(s, name, concept), on_change=slider_moved, args=(s, name, concept, now),
+                      key=slider_key(name, concept), on_change=slider_moved, args=(s, name, concept, now),
                       help="; ".join(marks))
         if low is not None:
             absent.button("absent", key=f"absent|{name}|{concept}", on_click=set_to, args=(s, name, concept, low, now),
@@ -419,12 +434,13 @@ def intervention_panel(s: EditorSession, name: str, features: torch.Tensor | Vid
             st.rerun()  # a full run: the confirmation shows at the top of the page
 
 
-def explore(s: EditorSession, filters: tuple) -> None:
+def explore(s: EditorSession) -> None:
     index, truth = None, None
     picked = upload_box(s)
     if picked is None:
-        index = browse(s, filtered_samples(s, *filters))
+        index = st.session_state.get("sample")
         if index is None:
+            st.info("No sample is open: pick one in the sidebar.")
             return
         truth = int(s.labels[index])
         picked = s.sample_ids[index], s.sample(index), None
@@ -577,16 +593,16 @@ def main() -> None:
         s.outputs().probabilities
         progress.empty()
     show_flash()
-    filters = sidebar(s)
-    # only the open tab runs (switching tabs reruns the page): a filter or a sample change does not redraw the others
+    st.session_state.pop("sample_changed", None)  # this run draws the picked sample
+    sidebar(s)
+    # only the open tab runs (switching tabs reruns the page): a sample change does not redraw the others
     tabs = st.tabs(list(TABS), key="tab", on_change="rerun")
     for tab, draw in zip(tabs, TABS.values()):
         if tab.open:
             with tab:
-                draw(s, filters)
+                draw(s)
 
 
-TABS = {"Explore and intervene": explore, "Edit the model": lambda s, filters: edit_globally(s),
-        "Audit trail": lambda s, filters: audit_trail(s)}
+TABS = {"Explore and intervene": explore, "Edit the model": edit_globally, "Audit trail": audit_trail}
 
 main()

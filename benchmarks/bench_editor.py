@@ -151,7 +151,7 @@ def drive_editor(browser: object, url: str, repeats: int, timeout_ms: float) -> 
                 break
         new_prediction = eb.line_with(page, "New prediction")
         classes = eb.sidebar_options(page, "True class")[1:]  # after "all"
-        captions = page.locator(eb.MAIN).locator('[data-testid="stImageCaption"]').first
+        captions = page.locator(eb.SIDEBAR).locator('[data-testid="stImageCaption"]').first
         filters: list[float] = []
         for i in range(repeats):
             finished = eb.runs_finished(page)

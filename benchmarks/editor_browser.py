@@ -299,5 +299,5 @@ def sidebar_options(page: Any, label: str) -> list[str]:
 
 
 def image_captions(page: Any) -> list[str]:
-    """The captions of the main area's images (the thumbnail grid, the sample's picture), in page order."""
-    return [text.strip() for text in page.locator(MAIN).locator('[data-testid="stImageCaption"]').all_inner_texts()]
+    """The captions of the sample browser's thumbnails (in the sidebar), in page order."""
+    return [text.strip() for text in page.locator(SIDEBAR).locator('[data-testid="stImageCaption"]').all_inner_texts()]

@@ -121,18 +121,28 @@ def test_the_model_opens_and_shows_a_prediction_the_true_class_and_the_counts(ap
     assert f"{len(session.sample_ids)} of {len(session.sample_ids)} samples match these filters." in shown
     counterfactual = [t for t in shown if t.startswith("**Smallest change that flips it:**")]
     assert counterfactual and "=>" in counterfactual[0]
-    app.selectbox(key="class_filter").set_value("green").run()
-    matching = int((session.labels == model.class_index("green")).sum())
-    assert f"{matching} of {len(session.sample_ids)} samples match these filters." in texts(app)
-    assert session.labels[app.selectbox(key="sample").value] == model.class_index("green")
+    other = next(name for name in model.class_names if name != truth)
+    app.selectbox(key="class_filter").set_value(other).run()
+    matching = (session.labels == model.class_index(other)).nonzero().flatten().tolist()
+    sidebar = [plain(c.value) for c in app.sidebar.caption]
+    assert f"{len(matching)} of {len(session.sample_ids)} samples match these filters." in sidebar
+    # browsing keeps the open sample (and any correction on it) until another one is picked
+    assert app.selectbox(key="sample").value == index and f"sample: {session.sample_ids[index]}" in shown
+    assert f"The open sample, {session.sample_ids[index]}, does not match these filters." in sidebar
+    assert app.selectbox(key="sample").options == [session.sample_ids[i] for i in [index, *matching]]
+    app.selectbox(key="sample").set_value(matching[0]).run()
+    assert app.selectbox(key="sample").value == matching[0]
+    assert f"sample: {session.sample_ids[matching[0]]}" in texts(app)
 
 
 def test_a_thumbnail_button_opens_its_sample(app):
     session: EditorSession = app.session_state["session"]
-    last = len(session.sample_ids) - 1  # 24 samples: one page
+    last = len(session.sample_ids) - 1  # 24 samples: two pages of thumbnails
+    assert not [b for b in app.button if b.key == f"open|{last}"]
+    app.number_input(key="page").set_value(2).run()
     app.button(key=f"open|{last}").click().run()
     assert not app.exception
-    assert app.selectbox(key="sample").value == last
+    assert app.selectbox(key="sample").value == last and f"sample: {session.sample_ids[last]}" in texts(app)
 
 
 def test_a_slider_changes_the_prediction_exactly_as_intervene_does(app, setup):

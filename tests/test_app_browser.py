@@ -4,13 +4,14 @@ screen against the model's own. Skipped with a reason where Chromium or Playwrig
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from benchmarks.editor_browser import (SIDEBAR, browser_missing, chromium, editor_page, line_with,
-                                       main_slider,
-                                       main_text, move_slider, new_tab, open_editor, runs_finished, serve_editor,
-                                       slider_labels, wait_for_rerun, wait_idle)
+from benchmarks.editor_browser import (SIDEBAR, browser_missing, chromium, editor_page, line_with, main_slider,
+                                       main_text, move_slider, new_tab, open_editor, runs_finished,
+                                       select_sidebar_option, serve_editor, slider_labels, wait_for_rerun, wait_idle)
 from cbm.backbones import load_backbone
 from cbm.data.folders import ImageFolder
 from cbm.embed import embed
@@ -117,10 +118,17 @@ def test_searching_concepts_keeps_the_intervention(page):
     assert value(page, concept) == moved and line_with(page, "New prediction") == shown
 
 
-def test_a_thumbnail_opens_its_sample(page):
-    act(page, lambda: page.locator('[data-testid="stMain"]').get_by_role("button", name="green/5.png").click())
-    assert shown_sample(page) == "green/5.png"
-    assert "True class: green" in main_text(page)
+def test_a_thumbnail_opens_its_sample_and_browsing_keeps_the_open_one(page):
+    opened = shown_sample(page)
+    thumbnails = page.locator(SIDEBAR).get_by_role("button", name=re.compile(r"^[a-z]+[/][0-9]+[.]png$"))
+    target = next(name for name in thumbnails.all_inner_texts() if name != opened)
+    act(page, lambda: page.locator(SIDEBAR).get_by_role("button", name=target, exact=True).click())
+    assert shown_sample(page) == target
+    assert f"True class: {target.split('/')[0]}" in main_text(page)
+    other = "red" if target.startswith("green") else "green"
+    act(page, lambda: select_sidebar_option(page, "True class", other))  # reruns the browser only
+    assert shown_sample(page) == target and "does not match these filters" in page.locator(SIDEBAR).inner_text()
+    assert all(name.startswith(other) for name in thumbnails.all_inner_texts())
 
 
 def test_sessions_are_separate_and_an_edit_updates_every_number_at_once(page, setup, served):

@@ -66,4 +66,4 @@ def test_the_driver_filters_by_class(served):
         wait_for_rerun(page, before)
         wait_idle(page, "Prediction:")
         captions = image_captions(page)
-        assert captions and all("green" in caption for caption in captions[:8]), captions
+        assert captions and all("green" in caption for caption in captions), captions
