@@ -298,6 +298,16 @@ def sidebar_options(page: Any, label: str) -> list[str]:
     return options
 
 
+def wait_thumbnails_of(page: Any, class_name: str, timeout_ms: float = TIMEOUT_MS) -> None:
+    """Wait until the sample browser shows thumbnails and every caption names ``class_name`` (as the prediction or
+    as the true class): the grid of a "True class" filter. A quick fragment run may never show the "running"
+    state that ``runs_finished`` counts, so this waits for what is drawn instead."""
+    page.wait_for_function("""(name) => {
+      const captions = [...document.querySelectorAll('[data-testid="stSidebar"] [data-testid="stImageCaption"]')];
+      return captions.length > 0 && captions.every(c => c.innerText.includes(name));
+    }""", arg=class_name, timeout=timeout_ms, polling=20)
+
+
 def image_captions(page: Any) -> list[str]:
     """The captions of the sample browser's thumbnails (in the sidebar), in page order."""
     return [text.strip() for text in page.locator(SIDEBAR).locator('[data-testid="stImageCaption"]').all_inner_texts()]
