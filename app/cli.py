@@ -19,17 +19,18 @@ def cmd_app(args: argparse.Namespace) -> int:
         from cbm.models import load
 
         default_data(load(args.model))  # a video model not trained on the toy videos needs --data: say so here
-    script = Path(__file__).with_name("editor.py")
-    env = {**os.environ, "CBM_APP_MODEL": str(Path(args.model).resolve()) if args.model else "",
-           "CBM_APP_DATA": args.data or ""}
-    command = [sys.executable, "-m", "app.server", "run", str(script), "--server.address", args.host,
-               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20)),
-               "--client.toolbarMode", "viewer"]  # no "Deploy" button: the editor is a local tool
+    os.environ["CBM_APP_MODEL"] = str(Path(args.model).resolve()) if args.model else ""
+    os.environ["CBM_APP_DATA"] = args.data or ""
+    arguments = ["run", str(Path(__file__).with_name("editor.py")), "--server.address", args.host,
+                 "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+                 "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20)),
+                 "--client.toolbarMode", "viewer"]  # no "Deploy" button: the editor is a local tool
     print(f"concept editor on http://{args.host}:{args.port} (Ctrl+C stops it)"
           + ("" if args.model else "; the toy demo model is built on first use and cached"))
     sys.stdout.flush()
-    os.execve(sys.executable, command, env)  # become the server, so signals reach it directly
+    from app.server import serve
+
+    return serve(arguments)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

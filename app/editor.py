@@ -32,7 +32,6 @@ from cbm.data.base import ImageReadError  # noqa: E402
 from cbm.models import VideoSequences  # noqa: E402
 from cbm.untrusted import for_markdown  # noqa: E402
 from explain import EvalData, counterfactual, explain_samples, make_view  # noqa: E402
-from explain.plots import timeline_figure  # noqa: E402
 
 SLIDERS_SHOWN = 8  # the most influential concepts (and the corrected ones); search finds the rest
 SEARCH_SHOWN = 40
@@ -404,6 +403,8 @@ def explain_video(s: EditorSession, index: int, video: VideoSequences, predicted
     label = model.class_names[predicted]
 
     def figure() -> bytes:
+        from explain.plots import timeline_figure  # matplotlib is imported for video models only
+
         explanation = model.explain(video, return_attention=False)
         return png(timeline_figure(explanation, model.concept_names, row=0, k=TIMELINE_CONCEPTS,
                                    windows=s.data.window_spans(index), decisive_window=int(model.decisive_windows(video)[0]),

@@ -1,12 +1,11 @@
-"""The editor's server process (``cbm app`` execs ``python -m app.server run app/editor.py ...``): Streamlit's own
-command line, with the toolkit imported and the model file and its data opened in the background as the server
-starts, so the first page does not wait for them (about 5 s of imports and the model's outputs on the data)."""
+"""The editor's server: ``cbm app`` runs Streamlit's own command line in its process (the toolkit it has imported
+for its command line is the one the editor uses, not imported a second time), and opens the model file and its
+data in the background as the server starts, so the first page does not wait for them."""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 
 logger = logging.getLogger(__name__)
@@ -26,13 +25,10 @@ def warm_up() -> None:
         logger.info("warming up the editor failed (%s); the first page will open the data itself", error)
 
 
-def main() -> None:
+def serve(arguments: list[str]) -> int:
+    """Run ``streamlit ARGUMENTS`` (e.g. ``run app/editor.py --server.port 8501``) in this process, warming up
+    alongside; returns when the server stops."""
     from streamlit.web import cli
 
     threading.Thread(target=warm_up, name="cbm-editor-warm-up", daemon=True).start()
-    sys.argv = ["streamlit", *sys.argv[1:]]
-    sys.exit(cli.main())
-
-
-if __name__ == "__main__":
-    main()
+    return cli.main(args=arguments, prog_name="streamlit", standalone_mode=False) or 0

@@ -5,9 +5,12 @@ recomputes from the image instead (the backbone forward, then the same head work
 
 Browser mode (``--browser``): the editor served by ``cbm app`` and driven in headless Debian Chromium
 (``benchmarks/editor_browser.py``) on three bundles: a PCBM with 200 text concepts (toy:clip), the demo's MoTIF
-video model and the demo's ECBM (toy:cnn). Per family: first render (page open -> "Prediction:"), the median
+video model and the demo's ECBM (toy:cnn). Per family: first render (page open -> "Prediction:", and from the start
+of ``cbm app``, whose server answers once the toolkit is imported; goal 5 s with cached embeddings), the median
 time from a slider key press to the "New prediction" text of the rerun it caused, and the median time from a
-"True class" filter change to the sidebar's thumbnails of that class. Goals on 2 CPU cores: <= 300 ms for the PCBM, <= 1 s
+"True class" filter change to the sidebar's thumbnails of that class. An action's time is measured in the page's
+own clock, from the input event to the last change of the page (the driver's own time, which adds its polling,
+is in the notes). Goals on 2 CPU cores: <= 300 ms for the PCBM, <= 1 s
 for MoTIF and ECBM per action. An action slower than 60 s is measured once.
 
 Run: ``python benchmarks/bench_editor.py [--concepts 200] [--changed 3] [--backbone torchvision:resnet18@random]``
@@ -130,8 +133,17 @@ def _timed_until(action: object, wait: object) -> float:
 
 
 def drive_editor(browser: object, url: str, repeats: int, timeout_ms: float) -> dict[str, object]:
-    """First render, slider -> "New prediction" and filter -> thumbnail grid times of one served editor."""
+    """First render, slider -> "New prediction" and filter -> thumbnail grid times of one served editor. Each action
+    has two times: in the page's own clock, from the input to the last change of the page ("slider", "filter"),
+    and as the driver sees it, until its polling finds the update ("slider_driver", "filter_driver")."""
     from benchmarks import editor_browser as eb
+
+    times: dict[str, list[float]] = {key: [] for key in ("slider", "slider_driver", "filter", "filter_driver")}
+
+    def act(kind: str, action: object, wait: object) -> bool:
+        times[f"{kind}_driver"].append(_timed_until(action, wait))
+        times[kind].append(eb.input_to_settled(page, timeout_ms=timeout_ms))
+        return times[kind][-1] <= SLOW_ACTION_S
 
     started = time.perf_counter()
     with eb.editor_page(url, browser=browser, timeout_ms=timeout_ms) as page:
@@ -140,26 +152,20 @@ def drive_editor(browser: object, url: str, repeats: int, timeout_ms: float) -> 
         thumb = eb.main_slider(page, concept)
         value, high = (float(thumb.get_attribute(name)) for name in ("value", "max"))
         ends = ["end", "start"] if value < high else ["start", "end"]
-        slider: list[float] = []
         for i in range(repeats):
             finished = eb.runs_finished(page)
-            slider.append(_timed_until(lambda: eb.move_slider(page, concept, to=ends[i % 2]),
-                                       lambda: (eb.wait_for_rerun(page, finished, timeout_ms),
-                                                eb.wait_text(page, "New prediction", timeout_ms))))
-            eb.wait_idle(page, timeout_ms=timeout_ms)
-            if slider[-1] > SLOW_ACTION_S:
+            if not act("slider", lambda: eb.move_slider(page, concept, to=ends[i % 2]),
+                       lambda: (eb.wait_for_rerun(page, finished, timeout_ms),
+                                eb.wait_text(page, "New prediction", timeout_ms))):
                 break
         new_prediction = eb.line_with(page, "New prediction")
         classes = eb.sidebar_options(page, "True class")[1:]  # after "all"
-        filters: list[float] = []
         for i in range(repeats):
             chosen = classes[i % len(classes)]
-            filters.append(_timed_until(lambda: eb.select_sidebar_option(page, "True class", chosen),
-                                        lambda: eb.wait_thumbnails_of(page, chosen, timeout_ms)))
-            eb.wait_idle(page, timeout_ms=timeout_ms)
-            if filters[-1] > SLOW_ACTION_S:
+            if not act("filter", lambda: eb.select_sidebar_option(page, "True class", chosen),
+                       lambda: eb.wait_thumbnails_of(page, chosen, timeout_ms)):
                 break
-    return {"first": first, "slider": slider, "filter": filters, "concept": concept, "text": new_prediction}
+    return {"first": first, **times, "concept": concept, "text": new_prediction}
 
 
 def measure_browser(models: str | Path | None = None, repeats: int = 5, concepts: int = 200, train: int = 2000,
@@ -190,14 +196,19 @@ def measure_browser(models: str | Path | None = None, repeats: int = 5, concepts
                 goal = BROWSER_GOALS[family]
                 slider, filters = statistics.median(result["slider"]), statistics.median(result["filter"])
                 rows += [Row(f"browser {family}: first render", result["first"], None, "s", None, "", None),
+                         Row(f"browser {family}: cbm app start -> first render", served.startup + result["first"], None,
+                             "s", None, "<= 5 s", served.startup + result["first"] <= 5.0),
                          Row(f"browser {family}: slider -> new prediction", slider, None, "s", None,
                              f"<= {goal * 1000:.0f} ms", slider <= goal),
                          Row(f"browser {family}: filter -> thumbnails", filters, None, "s", None,
                              f"<= {goal * 1000:.0f} ms", filters <= goal)]
-                notes.append(f"{family}: {bundle.name} on {data}, editor {served.script}; slider {result['concept']!r} "
-                             f"x{len(result['slider'])} {[round(t, 3) for t in result['slider']]}, filter "
-                             f"x{len(result['filter'])} {[round(t, 3) for t in result['filter']]}; "
-                             f"last: {result['text']!r}; server deprecation lines: {len(served.deprecations())}")
+                shown_times = {key: [round(t, 3) for t in result[key]] for key in
+                               ("slider", "slider_driver", "filter", "filter_driver")}
+                notes.append(f"{family}: {bundle.name} on {data}, editor {served.script}; slider {result['concept']!r}; "
+                             f"{shown_times}; driver medians: slider "
+                             f"{statistics.median(result['slider_driver']):.3f} s, filter "
+                             f"{statistics.median(result['filter_driver']):.3f} s; last: {result['text']!r}; "
+                             f"server deprecation lines: {len(served.deprecations())}")
     notes.append(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return BenchResult("editor-browser", setup, rows, notes)
 

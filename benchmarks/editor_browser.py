@@ -64,6 +64,13 @@ _RUN_COUNTER = """() => {
   new MutationObserver(check).observe(document.body, {attributes: true, subtree: true,
                                                       attributeFilter: ['data-test-script-state']});
   check();
+  // the page's own clock: the last user input (a key or a click) and the last change of the page after it
+  window.__cbmInput = window.__cbmChanged = performance.now();
+  const input = () => { window.__cbmInput = window.__cbmChanged = performance.now(); };
+  document.addEventListener('keydown', input, true);
+  document.addEventListener('click', input, true);
+  new MutationObserver(() => { window.__cbmChanged = performance.now(); }).observe(document.body,
+      {attributes: true, childList: true, characterData: true, subtree: true});
 }"""
 
 
@@ -85,13 +92,14 @@ def free_port() -> int:
 
 @dataclass
 class ServedEditor:
-    """A running editor: its URL, the editor script the server runs and, once it stopped, its whole log."""
+    """A running editor: its URL, the editor script of the checkout it serves and, once it stopped, its whole log."""
 
     url: str
     process: subprocess.Popen
     log_path: Path
-    script: str | None = None
+    script: str
     log: str = ""
+    startup: float = 0.0  # seconds from the command's start until the server answered
 
     def read_log(self) -> str:
         """The server's output so far (stdout and stderr together)."""
@@ -100,15 +108,6 @@ class ServedEditor:
     def deprecations(self) -> list[str]:
         """The lines of the server log that mention a deprecation (Streamlit warns of deprecated calls there)."""
         return [line for line in self.read_log().splitlines() if "deprecat" in line.lower()]
-
-
-def _served_script(pid: int) -> str | None:
-    """The ``.py`` script on the server's command line (``cbm app`` execs ``streamlit run .../editor.py``)."""
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return next((arg.decode() for arg in arguments if arg.endswith(b"editor.py")), None)
 
 
 @contextmanager
@@ -133,11 +132,12 @@ def serve_editor(model: str | Path, data: str | None = None, *, cache_dir: str |
             command += ["--data", data]
         log_path = Path(home) / "server.log"
         with open(log_path, "wb") as log:
+            launched = time.perf_counter()
             process = subprocess.Popen(command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-        served = ServedEditor(f"http://127.0.0.1:{port}", process, log_path)
+        served = ServedEditor(f"http://127.0.0.1:{port}", process, log_path, str(root / "app" / "editor.py"))
         try:
             _wait_healthy(served, startup_timeout)
-            served.script = _served_script(process.pid)
+            served.startup = time.perf_counter() - launched
             logger.info("editor %s serving %s", served.url, served.script)
             yield served
         finally:
@@ -224,6 +224,16 @@ def runs_finished(page: Any) -> int:
 def wait_for_rerun(page: Any, finished_before: int, timeout_ms: float = TIMEOUT_MS) -> None:
     """Wait until a script run started after ``runs_finished(page)`` returned ``finished_before`` has finished."""
     page.wait_for_function(f"() => (window.__cbmRuns ?? 0) > {finished_before}", timeout=timeout_ms, polling=20)
+
+
+def input_to_settled(page: Any, quiet_ms: float = 250, timeout_ms: float = TIMEOUT_MS) -> float:
+    """Seconds from the last user input to the last change of the page after it, in the page's own clock, once the
+    script is idle and the page has not changed for ``quiet_ms``: how long the person waits for the update,
+    without the polling of the driver."""
+    wait_idle(page, timeout_ms=timeout_ms)
+    page.wait_for_function(f"() => performance.now() - window.__cbmChanged > {quiet_ms}", timeout=timeout_ms,
+                           polling=20)
+    return float(page.evaluate("() => (window.__cbmChanged - window.__cbmInput) / 1000"))
 
 
 def wait_idle(page: Any, text: str | None = None, timeout_ms: float = TIMEOUT_MS) -> None:

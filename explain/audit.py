@@ -32,21 +32,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from cbm.files import atomic_write_text
 from cbm.models.base import ConceptBottleneckModel
 from cbm.models.temporal import VideoSequences
 from cbm.untrusted import for_utf8
-from explain import metrics, plots, video
+from explain import metrics, video
 from explain.core import DataLike, EvalData, ModelView, VideoView, make_view
 from explain.explanations import Importance, concept_effects, explain_samples, global_importance
 from explain.interventions import POLICY_LABELS, intervention_curves
+
+if TYPE_CHECKING:  # matplotlib loads only when a report draws its figures
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +254,8 @@ def audit(model: ConceptBottleneckModel, data: DataLike | EvalData | VideoSequen
     The classes of Embeddings are matched to the model's by name (:func:`cbm.embed.match_classes`; data
     with classes the model does not know is an error naming them).
     """
+    from explain import plots  # matplotlib is imported here, when a report draws its figures
+
     started = time.perf_counter()
     timings: dict[str, float] = {}
     stages = tqdm(total=8, desc=f"audit {name} on {data_name}", disable=not progress, leave=False)
@@ -341,6 +345,8 @@ def _image_sections(report: dict[str, Any], view: ModelView, train_view: ModelVi
                     now: float) -> tuple[dict[str, Figure], dict[str, float | None], float]:
     """Explained samples, intervention curves and suspects into ``report``; their figures and the
     greedy oracle's gain for the summary."""
+    from explain import plots
+
     explained = explain_samples(view, rows=_pick_samples(view, examples), k=5)
     report["samples"] = [{**e.to_dict(), "thumbnail": _thumbnail(images, e.id)} for e in explained]
     now = stage("explained samples", now)
@@ -362,6 +368,8 @@ def _video_sections(report: dict[str, Any], view: VideoView, importance: Importa
                     now: float) -> tuple[dict[str, Figure], dict[str, float | None], float]:
     """Timelines, attention and concept interventions and localisation into ``report``; their figures
     and the localisation rate for the summary."""
+    from explain import plots
+
     spans = video.events_of(view, events if events is not None else video.dataset_events(images))
     top = importance.top(TIMELINE_CONCEPTS)
     timelines, figures = [], {}

@@ -1,9 +1,12 @@
 """The browser driver of benchmarks/editor_browser.py on the current editor: it serves it, reads the prediction,
 moves a concept slider, filters by class and stops the server with its log kept."""
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.editor_browser import (
+    REPO_ROOT,
     browser_missing,
     chromium,
     editor_page,
@@ -36,7 +39,8 @@ def served(setup):  # noqa: F811
 
 def test_the_served_editor_is_this_checkouts(served):
     assert served.url.startswith("http://127.0.0.1:")
-    assert served.script is None or served.script.endswith("app/editor.py")
+    assert served.script == str(REPO_ROOT / "app" / "editor.py")
+    assert Path(f"/proc/{served.process.pid}/cwd").resolve() == REPO_ROOT  # the server imports this checkout
 
 
 def test_the_driver_reads_the_prediction_and_moves_a_slider(served):

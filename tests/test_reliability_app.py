@@ -5,13 +5,14 @@ the upload), keeps typed file names inside the model's folder, and fails on a cr
 from __future__ import annotations
 
 import io
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from tiny_models import capture_app_launch, rewrite_manifest
 
+from app import cli as app_cli
 from app.session import EditorSession, OpenedData, read_upload
 from cbm.data.base import ImageReadError
 from cbm.models import BundleError, PosthocCBM, load
@@ -24,7 +25,7 @@ def option(command: list[str], name: str) -> str:
 
 def test_the_editor_binds_to_localhost_unless_asked_and_caps_uploads(monkeypatch, tmp_path):
     command = capture_app_launch(monkeypatch, [])[0]
-    assert command[:4] == [sys.executable, "-m", "app.server", "run"]  # Streamlit's command line, warmed up
+    assert command[:2] == ["run", str(Path(app_cli.__file__).with_name("editor.py"))]  # Streamlit's, in-process
     assert option(command, "--server.address") == "127.0.0.1"
     assert option(command, "--server.maxUploadSize") == "20"  # MB, the same cap read_image_bytes applies
     assert option(capture_app_launch(monkeypatch, ["--host", "0.0.0.0"])[0], "--server.address") == "0.0.0.0"

@@ -91,16 +91,20 @@ def write_video(path: Path, n_frames: int = 20, codec: str = "mpeg4", size: int 
 
 
 def capture_app_launch(monkeypatch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The command and environment ``cbm app ARGV`` would exec Streamlit with (captured instead of run)."""
+    """The Streamlit arguments ``cbm app ARGV`` would serve the editor with, and the editor's environment
+    (captured instead of served)."""
     import argparse
     import os
 
     from app import cli as app_cli
+    from app import server
 
     parser = argparse.ArgumentParser()
     app_cli.add_commands(parser.add_subparsers())
+    for name in ("CBM_APP_MODEL", "CBM_APP_DATA"):
+        monkeypatch.setenv(name, "")  # restored after the test
     captured = []
-    monkeypatch.setattr(os, "execve", lambda path, command, env: captured.append((command, env)))
+    monkeypatch.setattr(server, "serve", lambda arguments: captured.append((arguments, dict(os.environ))) or 0)
     args = parser.parse_args(["app", *argv])
     args.run(args)
     return captured[0]
