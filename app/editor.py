@@ -147,7 +147,8 @@ def sample_browser(s: EditorSession) -> None:
         with columns[slot % THUMBNAIL_COLUMNS]:
             st.image(s.data.thumbnail_png(index), caption=mark, width=72)
             sample = s.sample_ids[index]
-            st.button(sample if len(sample) <= 12 else "…" + sample[-11:], key=f"open|{index}", on_click=open_sample,
+            short = sample.rsplit("/", 1)[-1]  # the file name: the folder is usually the class, already in the caption
+            st.button(short if len(short) <= 10 else "…" + short[-9:], key=f"open|{index}", on_click=open_sample,
                       args=(index,), help=f"open {sample}")
     if st.session_state.get("sample") is None and shown:
         st.session_state.sample = shown[0]
