@@ -13,10 +13,8 @@ running indicator (``[data-testid="stStatusWidget"]``) and script state (``data-
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
