@@ -349,20 +349,21 @@ def pruned_classes(model: ConceptBottleneckModel, concept: str) -> set[str]:
     return pruned
 
 
-
-_SHARED: dict[tuple, OpenedData] = {}
+_SHARED: dict[tuple, tuple[tuple[int, int] | None, OpenedData]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
 def shared_data(model_path: str | None, data_spec: str | None) -> OpenedData:
     """The ``OpenedData`` every browser session of this server process shares: opened once per version of the
-    model file (its modification time and size; a changed file is opened afresh) and data spec. ``cbm app``
-    opens it as the server starts (``app.server``), so the first page does not wait for it."""
-    key = (model_path, data_spec, file_stamp(model_path) if model_path else None)
+    model file (its modification time and size; a changed file is opened afresh and replaces the old version,
+    which only the sessions already on it keep) and data spec. ``cbm app`` opens it as the server starts
+    (``app.server``), so the first page does not wait for it."""
+    stamp = file_stamp(model_path) if model_path else None
     with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = OpenedData.open(model_path, data_spec)
-        return _SHARED[key]
+        kept = _SHARED.get((model_path, data_spec))
+        if kept is None or kept[0] != stamp:
+            kept = _SHARED[(model_path, data_spec)] = stamp, OpenedData.open(model_path, data_spec)
+        return kept[1]
 
 
 # ---------------------------------------------------------------------------------------------------- the data

@@ -42,7 +42,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from concepts.bank import ConceptBank, real_tensor
 logger = logging.getLogger(__name__)
 
 Solver = Literal["torch", "newton", "sklearn", "liblinear", "fastcav"]
-SOLVERS = ("torch", "newton", "sklearn", "liblinear", "fastcav")
+SOLVERS: tuple[str, ...] = get_args(Solver)
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0)
 QUANTILES = (0.1, 0.5, 0.9)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cbm.untrusted import for_terminal
+from concepts.cavs import SOLVERS
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tcav.add_argument("--runs", type=int, default=10, help="CAVs per concept, each against fresh negatives (default 10)")
     tcav.add_argument("--pooling", choices=["mean", "flatten"], default="mean",
                       help="conv activations: mean over positions (default) or flattened as in the TCAV paper")
-    tcav.add_argument("--solver", choices=["fastcav", "torch", "newton", "sklearn", "liblinear"], default="fastcav",
+    tcav.add_argument("--solver", choices=SOLVERS, default="fastcav",
                       help="CAV learner: fastcav (mean-difference direction, default); a linear SVM with SVC's hinge "
                            "loss (torch, or scikit-learn's SVC: sklearn) or LinearSVC's squared hinge (newton, or "
                            "scikit-learn's LinearSVC: liblinear). The TCAV paper used a linear classifier too")

@@ -173,6 +173,9 @@ class ModelView(RowView):
         first asked (an energy model re-infers its concepts for the check: explanations alone do not need it)."""
         if len(self.data) == 0:
             return True
+        low, high = self._box
+        if not (high > low).any():  # e.g. one sample of a family without low/high values: nothing to check with,
+            return False            # so every intervention runs model.intervene
         rows = torch.arange(ADDITIVITY_TRIALS) % len(self.data)  # a small view gets several edits per row
         mask = torch.rand(len(rows), self.concepts.shape[1], generator=torch.Generator().manual_seed(0)) < 0.5
         values = self._random_concepts(len(rows), seed=1)

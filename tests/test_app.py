@@ -483,3 +483,23 @@ def test_the_servers_warm_up_opens_the_data_the_first_page_uses(setup, monkeypat
     page = AppTest.from_file(EDITOR, default_timeout=60)
     page.run()
     assert not page.exception and page.session_state["session"].data is warmed
+
+
+def test_the_shared_data_follows_the_file_and_keeps_one_version(setup, monkeypatch, tmp_path):
+    """Every session shares one opening of the file; a file changed on disk is opened afresh and replaces the old
+    opening, which only the sessions already on it keep."""
+    import os
+    import shutil
+
+    from app import session as app_session
+
+    monkeypatch.setenv("CBM_CACHE_DIR", str(setup["cache"]))
+    path = tmp_path / "copy.cbm"
+    shutil.copy(setup["model"], path)
+    first = app_session.shared_data(str(path), setup["data"])
+    assert app_session.shared_data(str(path), setup["data"]) is first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = app_session.shared_data(str(path), setup["data"])
+    assert second is not first and app_session.shared_data(str(path), setup["data"]) is second
+    assert [opened for key, (_, opened) in app_session._SHARED.items() if key[0] == str(path)] == [second]

@@ -11,7 +11,7 @@ from cbm.models import PosthocCBM
 from cbm.models.base import ConceptBottleneckModel
 from concepts.bank import ConceptBank
 from explain.audit import FAMILY_EXTRAS
-from explain.core import ModelView, as_data
+from explain.core import EvalData, ModelView, as_data
 from explain.metrics import ablation_drop
 
 N_CLASSES, N_SIGNAL, DIM = 4, 8, 24
@@ -95,6 +95,8 @@ def test_view_detects_which_shortcut_is_exact(world):
     assert hybrid.additive and hybrid.weight is not None
     generic = ModelView(world["models"]["non-linear"], data)
     assert not generic.additive and generic.weight is None
+    # one sample of a family without low/high values: its activations span nothing, so no shortcut is assumed
+    assert not ModelView(world["models"]["non-linear"], EvalData(data.features[:1], None)).additive
     rows = torch.arange(5)
     values = generic.concepts[:5] + 1.0
     single = generic.single_change_logits(rows, generic.concepts[:5], values)
